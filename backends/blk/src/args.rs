@@ -1,0 +1,105 @@
+//! The command line. Doc comments here become `--help`.
+
+use std::path::PathBuf;
+
+use clap::Parser;
+
+/// A virtio-blk device backend over vhost-user.
+///
+/// vhostbox-blk serves one virtio-blk device to a virtual machine monitor (QEMU,
+/// cloud-hypervisor, or any vhost-user frontend) over a unix socket. The guest uses its stock
+/// virtio_blk driver; the device model runs here, in its own small process, not in the VMM.
+///
+/// The backing store is a raw image file, a host block device, or (--null) a device that
+/// reads zeros and drops writes, for benchmarks. The socket is bound (or taken with --fd) and
+/// the image opened once at start-up; frontends are then served one after another on the same
+/// listener: when a frontend disconnects, its state is dropped and the next one is accepted.
+/// SIGTERM or SIGINT shut down cleanly and remove the socket.
+///
+/// EXIT STATUS: 0 after a clean shutdown, 2 for a usage or configuration error (bad flag,
+/// missing or unreadable image, size not a multiple of the block size, busy socket path),
+/// 1 for other failures.
+#[derive(Debug, Parser)]
+#[command(
+    name = "vhostbox-blk",
+    version,
+    after_help = "EXAMPLES:
+    vhostbox-blk --socket-path /run/vm1-disk.sock --image /var/lib/vm1.raw --num-queues 2
+    vhostbox-blk --socket-path /tmp/bench.sock --null 8G --num-queues 2
+
+    qemu-system-x86_64 ... \\
+      -object memory-backend-memfd,id=mem,size=1G,share=on -machine memory-backend=mem \\
+      -chardev socket,id=disk0,path=/run/vm1-disk.sock \\
+      -device vhost-user-blk-pci,chardev=disk0,num-queues=2
+
+    cloud-hypervisor ... --memory size=1G,shared=on \\
+      --disk vhost_user=true,socket=/run/vm1-disk.sock,num_queues=2,queue_size=256"
+)]
+pub struct Args {
+    /// Unix socket path to listen on for the frontend (created; a stale socket is replaced).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "fd",
+        conflicts_with = "fd"
+    )]
+    pub socket_path: Option<PathBuf>,
+
+    /// Use the already-listening unix socket on file descriptor N instead of --socket-path
+    /// (socket activation, or a launcher that bound it).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<i32>,
+
+    /// Raw disk image file or host block device to serve.
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "null",
+        conflicts_with = "null"
+    )]
+    pub image: Option<PathBuf>,
+
+    /// Serve a null device of SIZE bytes instead of an image: reads return zeros, writes are
+    /// dropped. SIZE takes K, M, G or T suffixes. For benchmarks.
+    #[arg(long, value_name = "SIZE")]
+    pub null: Option<String>,
+
+    /// Expose the device read-only (VIRTIO_BLK_F_RO); the image is opened read-only.
+    #[arg(long)]
+    pub readonly: bool,
+
+    /// Number of virtqueues, each served by its own worker thread (1-64).
+    #[arg(long, value_name = "N", default_value_t = 1)]
+    pub num_queues: u16,
+
+    /// Maximum size of each virtqueue: a power of two, 2-1024.
+    #[arg(long, value_name = "N", default_value_t = 256)]
+    pub queue_size: u16,
+
+    /// Serial number reported to the guest (GET_ID), up to 20 bytes.
+    #[arg(long, value_name = "ID")]
+    pub serial: Option<String>,
+
+    /// Open the image with O_DIRECT, bypassing the host page cache.
+    #[arg(long)]
+    pub direct: bool,
+
+    /// I/O engine: io-uring (many requests in flight per queue) or sync (one at a time,
+    /// on the queue's worker thread).
+    #[arg(long, value_name = "ENGINE", default_value = "io-uring")]
+    pub engine: String,
+
+    /// Logical block size exposed to the guest: 512 or 4096. Default: the host device's, or
+    /// 512 for image files.
+    #[arg(long, value_name = "BYTES")]
+    pub logical_block_size: Option<u32>,
+
+    /// Start with the guest's write cache off (write-through: every write is durable when it
+    /// completes). The guest can change the mode (VIRTIO_BLK_F_CONFIG_WCE).
+    #[arg(long)]
+    pub writethrough: bool,
+
+    /// Log level: off, error, warn, info, debug, trace. VHOSTBOX_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+}

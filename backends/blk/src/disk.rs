@@ -1,0 +1,399 @@
+//! The backing store: a raw image file, a host block device, or a null device.
+//!
+//! Everything here is opened and measured before the process could be sandboxed; afterwards
+//! only the fd is used. Data-path I/O (read, write, flush) goes through an [`crate::engine`];
+//! the rare management operations (discard, write-zeroes) are done here, synchronously.
+
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+
+/// Errors while opening the backing store.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    #[error("cannot open image {0}")]
+    Open(PathBuf, #[source] io::Error),
+    #[error("image {0} is neither a regular file nor a block device")]
+    NotAFileOrDevice(PathBuf),
+    #[error("cannot get the size of {0}")]
+    Size(PathBuf, #[source] io::Error),
+    #[error(
+        "size of {path} ({size} bytes) is not a multiple of the logical block size {block_size}"
+    )]
+    Unaligned {
+        path: PathBuf,
+        size: u64,
+        block_size: u32,
+    },
+    #[error("image {0} is empty")]
+    Empty(PathBuf),
+    #[error("--logical-block-size {requested} is smaller than the host device's {host} bytes")]
+    BlockSizeTooSmall { requested: u32, host: u32 },
+    #[error("null device size {0} is not a positive multiple of the logical block size {1}")]
+    NullSize(u64, u32),
+}
+
+/// What kind of backing store it is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DiskKind {
+    File,
+    BlockDevice,
+    Null,
+}
+
+/// Host I/O topology to advertise (VIRTIO_BLK_F_TOPOLOGY).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Topology {
+    /// log2(physical block size / logical block size)
+    pub physical_block_exp: u8,
+    pub alignment_offset: u8,
+    /// Suggested minimum I/O size, in logical blocks.
+    pub min_io_size: u16,
+    /// Optimal I/O size, in logical blocks.
+    pub opt_io_size: u32,
+}
+
+/// An opened backing store.
+#[derive(Debug)]
+pub struct Disk {
+    file: Option<File>,
+    pub kind: DiskKind,
+    /// Size in bytes (a multiple of `block_size`).
+    pub size: u64,
+    pub block_size: u32,
+    pub topology: Topology,
+    pub readonly: bool,
+}
+
+const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
+const BLKSSZGET: libc::c_ulong = 0x1268;
+const BLKPBSZGET: libc::c_ulong = 0x127b;
+const BLKIOMIN: libc::c_ulong = 0x1278;
+const BLKIOOPT: libc::c_ulong = 0x1279;
+const BLKALIGNOFF: libc::c_ulong = 0x127a;
+const BLKDISCARD: libc::c_ulong = 0x1277;
+const BLKZEROOUT: libc::c_ulong = 0x127f;
+
+fn ioctl_u32(fd: RawFd, req: libc::c_ulong) -> io::Result<u32> {
+    let mut v: libc::c_uint = 0;
+    // SAFETY: these BLK* ioctls write one unsigned int to the pointer we pass.
+    let r = unsafe { libc::ioctl(fd, req, &mut v as *mut libc::c_uint) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(v)
+}
+
+fn ioctl_range(fd: RawFd, req: libc::c_ulong, offset: u64, len: u64) -> io::Result<()> {
+    let range: [u64; 2] = [offset, len];
+    // SAFETY: BLKDISCARD and BLKZEROOUT read two u64 (offset, length) from the pointer.
+    let r = unsafe { libc::ioctl(fd, req, range.as_ptr()) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<()> {
+    loop {
+        // SAFETY: fallocate has no memory arguments.
+        let r = unsafe { libc::fallocate(fd, mode, offset as libc::off_t, len as libc::off_t) };
+        if r == 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn log2(v: u32) -> u8 {
+    if v == 0 {
+        0
+    } else {
+        (31 - v.leading_zeros()) as u8
+    }
+}
+
+impl Disk {
+    /// Opens an image file or block device. `block_size` is the logical block size to expose
+    /// (None: the device's own for block devices, 512 for files).
+    pub fn open(
+        path: &Path,
+        readonly: bool,
+        direct: bool,
+        block_size: Option<u32>,
+    ) -> Result<Self, DiskError> {
+        let mut opts = OpenOptions::new();
+        opts.read(true).write(!readonly);
+        let mut flags = libc::O_CLOEXEC;
+        if direct {
+            flags |= libc::O_DIRECT;
+        }
+        opts.custom_flags(flags);
+        let file = opts
+            .open(path)
+            .map_err(|e| DiskError::Open(path.to_owned(), e))?;
+        let meta = file
+            .metadata()
+            .map_err(|e| DiskError::Size(path.to_owned(), e))?;
+        let fd = file.as_raw_fd();
+        let (kind, size, host_lbs, topo) = if meta.file_type().is_block_device() {
+            let mut size: u64 = 0;
+            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
+            let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) };
+            if r < 0 {
+                return Err(DiskError::Size(path.to_owned(), io::Error::last_os_error()));
+            }
+            let lbs = ioctl_u32(fd, BLKSSZGET).unwrap_or(512);
+            let pbs = ioctl_u32(fd, BLKPBSZGET).unwrap_or(lbs);
+            let iomin = ioctl_u32(fd, BLKIOMIN).unwrap_or(0);
+            let ioopt = ioctl_u32(fd, BLKIOOPT).unwrap_or(0);
+            let align = ioctl_u32(fd, BLKALIGNOFF).unwrap_or(0);
+            (DiskKind::BlockDevice, size, lbs, (pbs, iomin, ioopt, align))
+        } else if meta.file_type().is_file() {
+            // The filesystem block is the unit below which writes are read-modify-write.
+            let mut st: libc::statfs = unsafe_zeroed_statfs();
+            // SAFETY: fstatfs fills the statfs struct we own.
+            let fsbs = if unsafe { libc::fstatfs(fd, &mut st) } == 0 {
+                st.f_bsize as u32
+            } else {
+                4096
+            };
+            let fsbs = if fsbs.is_power_of_two() && fsbs <= 65536 {
+                fsbs
+            } else {
+                4096
+            };
+            (DiskKind::File, meta.len(), 512, (fsbs, 0, 0, 0))
+        } else {
+            return Err(DiskError::NotAFileOrDevice(path.to_owned()));
+        };
+        let block_size = block_size.unwrap_or(host_lbs);
+        if block_size < host_lbs {
+            return Err(DiskError::BlockSizeTooSmall {
+                requested: block_size,
+                host: host_lbs,
+            });
+        }
+        if size == 0 {
+            return Err(DiskError::Empty(path.to_owned()));
+        }
+        if !size.is_multiple_of(u64::from(block_size)) {
+            return Err(DiskError::Unaligned {
+                path: path.to_owned(),
+                size,
+                block_size,
+            });
+        }
+        let (pbs, iomin, ioopt, align) = topo;
+        let pbs = pbs.max(block_size);
+        let topology = Topology {
+            physical_block_exp: log2(pbs / block_size),
+            alignment_offset: (align / block_size).min(255) as u8,
+            min_io_size: (iomin / block_size).clamp(1, u32::from(u16::MAX)) as u16,
+            opt_io_size: ioopt / block_size,
+        };
+        Ok(Self {
+            file: Some(file),
+            kind,
+            size,
+            block_size,
+            topology,
+            readonly,
+        })
+    }
+
+    /// A device of `size` bytes that reads zeros and drops writes.
+    pub fn null(size: u64, block_size: u32, readonly: bool) -> Result<Self, DiskError> {
+        if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
+            return Err(DiskError::NullSize(size, block_size));
+        }
+        Ok(Self {
+            file: None,
+            kind: DiskKind::Null,
+            size,
+            block_size,
+            topology: Topology {
+                physical_block_exp: 0,
+                alignment_offset: 0,
+                min_io_size: 1,
+                opt_io_size: 0,
+            },
+            readonly,
+        })
+    }
+
+    /// The backing fd (None for the null device).
+    pub fn fd(&self) -> Option<RawFd> {
+        self.file.as_ref().map(|f| f.as_raw_fd())
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.size >> 9
+    }
+
+    /// Makes data written so far durable.
+    pub fn flush(&self) -> io::Result<()> {
+        match &self.file {
+            Some(f) if !self.readonly => f.sync_data(),
+            _ => Ok(()),
+        }
+    }
+
+    /// Discards a byte range: a hint, the content afterwards is unspecified.
+    pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        let Some(fd) = self.fd() else { return Ok(()) };
+        let r = match self.kind {
+            DiskKind::BlockDevice => ioctl_range(fd, BLKDISCARD, offset, len),
+            _ => fallocate(
+                fd,
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            ),
+        };
+        match r {
+            // Discard is advisory: a store that cannot deallocate simply keeps the data.
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => Ok(()),
+            r => r,
+        }
+    }
+
+    /// Makes a byte range read back as zeros. With `unmap`, the space may be deallocated.
+    pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        let Some(fd) = self.fd() else { return Ok(()) };
+        if self.kind == DiskKind::BlockDevice {
+            return ioctl_range(fd, BLKZEROOUT, offset, len);
+        }
+        let punch = libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE;
+        let first = if unmap {
+            fallocate(fd, punch, offset, len)
+        } else {
+            fallocate(
+                fd,
+                libc::FALLOC_FL_ZERO_RANGE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                len,
+            )
+        };
+        match first {
+            Err(e) if e.raw_os_error() == Some(libc::EOPNOTSUPP) => {}
+            r => return r,
+        }
+        // The filesystem lacks ZERO_RANGE (tmpfs, for one): punch and re-allocate, or if even
+        // punching is unsupported, write zeros.
+        if fallocate(fd, punch, offset, len).is_ok() {
+            if !unmap {
+                fallocate(fd, libc::FALLOC_FL_KEEP_SIZE, offset, len)?;
+            }
+            return Ok(());
+        }
+        self.write_zero_buffers(fd, offset, len)
+    }
+
+    fn write_zero_buffers(&self, fd: RawFd, mut offset: u64, len: u64) -> io::Result<()> {
+        const CHUNK: usize = 1 << 20;
+        // An aligned zero buffer works with and without O_DIRECT.
+        let layout = std::alloc::Layout::from_size_align(CHUNK, 4096).expect("valid layout");
+        // SAFETY: the layout has non-zero size.
+        let buf = unsafe { std::alloc::alloc_zeroed(layout) };
+        if buf.is_null() {
+            return Err(io::Error::from(io::ErrorKind::OutOfMemory));
+        }
+        let end = offset + len;
+        let mut result = Ok(());
+        while offset < end {
+            let n = ((end - offset) as usize).min(CHUNK);
+            // SAFETY: buf points to CHUNK >= n initialised bytes.
+            let r = unsafe { libc::pwrite(fd, buf.cast(), n, offset as libc::off_t) };
+            if r < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                result = Err(e);
+                break;
+            }
+            if r == 0 {
+                result = Err(io::Error::from(io::ErrorKind::WriteZero));
+                break;
+            }
+            offset += r as u64;
+        }
+        // SAFETY: buf was allocated above with this layout.
+        unsafe { std::alloc::dealloc(buf, layout) };
+        result
+    }
+}
+
+fn unsafe_zeroed_statfs() -> libc::statfs {
+    // SAFETY: statfs is a plain C struct for which all-zero bytes are a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::{Read, Seek, SeekFrom, Write};
+
+    fn image(size: usize, fill: u8) -> tempfile::NamedTempFile {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(&vec![fill; size]).unwrap();
+        f
+    }
+
+    #[test]
+    fn opens_file_and_reports_size() {
+        let f = image(1 << 20, 0);
+        let d = Disk::open(f.path(), false, false, None).unwrap();
+        assert_eq!(d.kind, DiskKind::File);
+        assert_eq!(d.size, 1 << 20);
+        assert_eq!(d.sectors(), 2048);
+        assert_eq!(d.block_size, 512);
+        assert!(d.topology.physical_block_exp <= 7);
+    }
+
+    #[test]
+    fn rejects_unaligned_size_and_missing_file() {
+        let f = image(1000, 0);
+        let e = Disk::open(f.path(), false, false, None).unwrap_err();
+        assert!(matches!(e, DiskError::Unaligned { .. }), "{e}");
+        let f = image(4096 + 512, 0);
+        let e = Disk::open(f.path(), false, false, Some(4096)).unwrap_err();
+        assert!(e.to_string().contains("not a multiple"), "{e}");
+        let e = Disk::open(Path::new("/nonexistent/x.img"), false, false, None).unwrap_err();
+        assert!(e.to_string().contains("/nonexistent/x.img"), "{e}");
+        let e = Disk::open(Path::new("/dev/null"), false, false, None).unwrap_err();
+        assert!(matches!(e, DiskError::NotAFileOrDevice(_)), "{e}");
+    }
+
+    #[test]
+    fn write_zeroes_and_discard_on_file() {
+        let f = image(64 << 10, 0xab);
+        let d = Disk::open(f.path(), false, false, None).unwrap();
+        d.write_zeroes(4096, 8192, false).unwrap();
+        d.write_zeroes(32768, 4096, true).unwrap();
+        d.discard(49152, 4096).unwrap();
+        let mut buf = Vec::new();
+        let mut fh = File::open(f.path()).unwrap();
+        fh.seek(SeekFrom::Start(0)).unwrap();
+        fh.read_to_end(&mut buf).unwrap();
+        assert_eq!(buf.len(), 64 << 10);
+        assert!(buf[..4096].iter().all(|&b| b == 0xab));
+        assert!(buf[4096..12288].iter().all(|&b| b == 0));
+        assert!(buf[12288..32768].iter().all(|&b| b == 0xab));
+        assert!(buf[32768..36864].iter().all(|&b| b == 0));
+    }
+
+    #[test]
+    fn null_device_size_checked() {
+        assert!(Disk::null(0, 512, false).is_err());
+        assert!(Disk::null(1000, 512, false).is_err());
+        assert_eq!(Disk::null(1 << 30, 4096, false).unwrap().sectors(), 2 << 20);
+    }
+}

@@ -1,0 +1,383 @@
+//! I/O engines: how a read, write or flush on the backing file is carried out.
+//!
+//! Both engines take the same operation (an offset and iovecs that point straight into guest
+//! memory, so data is never copied) and either complete it on the spot (`Executed`) or queue it
+//! and report its completion later through [`Engine::reap`] (`Submitted`). The device code does
+//! not care which engine ran. The io_uring engine keeps up to a queue's worth of requests in
+//! flight per queue, signals completions through an eventfd that the queue's worker thread
+//! polls, and uses only a registered file (index 0), never a raw fd: a ring can later be
+//! restricted to exactly these opcodes and that file.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+use io_uring::{opcode, types, IoUring};
+
+/// Which engine a device uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum EngineKind {
+    IoUring,
+    Sync,
+}
+
+impl std::str::FromStr for EngineKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "io-uring" | "io_uring" => Ok(Self::IoUring),
+            "sync" => Ok(Self::Sync),
+            _ => Err(format!("invalid engine '{s}': use io-uring or sync")),
+        }
+    }
+}
+
+/// A data-path operation on the backing file.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Read {
+        offset: u64,
+    },
+    /// `dsync`: the write must be durable when it completes (write-through cache mode).
+    Write {
+        offset: u64,
+        dsync: bool,
+    },
+    Flush,
+}
+
+/// What happened to a submitted operation.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Completed now; the result is the number of bytes transferred.
+    Executed(io::Result<usize>),
+    /// Queued; its completion comes from `reap` with the same token.
+    Submitted,
+}
+
+/// A finished asynchronous operation.
+#[derive(Debug)]
+pub struct Completion {
+    pub token: u32,
+    pub result: io::Result<usize>,
+}
+
+/// An engine bound to one backing file.
+pub enum Engine {
+    Sync(SyncEngine),
+    Uring(Box<UringEngine>),
+}
+
+impl Engine {
+    /// Carries out or queues `op` over `iov`.
+    ///
+    /// # Safety
+    /// The iovecs must point to memory valid for the operation (writable for reads) that stays
+    /// valid and untouched by Rust code until the operation completes: for `Submitted`, until
+    /// its completion is returned by `reap`.
+    pub unsafe fn submit(&mut self, op: Op, iov: &[libc::iovec], token: u32) -> Outcome {
+        match self {
+            // SAFETY: forwarded contract.
+            Engine::Sync(e) => Outcome::Executed(unsafe { e.execute(op, iov) }),
+            // SAFETY: forwarded contract.
+            Engine::Uring(u) => unsafe { u.push(op, iov, token) },
+        }
+    }
+
+    /// Hands queued operations to the kernel.
+    pub fn kick(&mut self) -> io::Result<()> {
+        match self {
+            Engine::Sync(_) => Ok(()),
+            Engine::Uring(u) => u.kick(),
+        }
+    }
+
+    /// Collects finished operations without blocking.
+    pub fn reap(&mut self, out: &mut Vec<Completion>) {
+        if let Engine::Uring(u) = self {
+            u.reap(out)
+        }
+    }
+
+    /// Blocks until at least one queued operation finished (no-op with nothing in flight).
+    pub fn wait(&mut self) -> io::Result<()> {
+        match self {
+            Engine::Sync(_) => Ok(()),
+            Engine::Uring(u) => u.wait(),
+        }
+    }
+
+    /// Operations queued or in flight.
+    pub fn in_flight(&self) -> usize {
+        match self {
+            Engine::Sync(_) => 0,
+            Engine::Uring(u) => u.in_flight,
+        }
+    }
+
+    /// The eventfd that becomes readable when completions are ready.
+    pub fn completion_fd(&self) -> Option<RawFd> {
+        match self {
+            Engine::Sync(_) => None,
+            Engine::Uring(u) => Some(u.eventfd.as_raw_fd()),
+        }
+    }
+
+    /// Clears the completion eventfd's counter.
+    pub fn consume_event(&self) {
+        if let Some(fd) = self.completion_fd() {
+            let mut v = 0u64;
+            // SAFETY: reads 8 bytes into a u64 we own from a non-blocking eventfd.
+            unsafe { libc::read(fd, (&mut v as *mut u64).cast(), 8) };
+        }
+    }
+}
+
+/// Runs each operation on the calling thread with preadv/pwritev/fdatasync.
+pub struct SyncEngine {
+    fd: RawFd,
+}
+
+impl SyncEngine {
+    /// `fd` must stay open for the engine's life (the device keeps the file).
+    pub fn new(fd: RawFd) -> Self {
+        Self { fd }
+    }
+
+    /// # Safety
+    /// See [`Engine::submit`].
+    unsafe fn execute(&mut self, op: Op, iov: &[libc::iovec]) -> io::Result<usize> {
+        match op {
+            Op::Flush => {
+                // SAFETY: fdatasync has no memory arguments.
+                if unsafe { libc::fdatasync(self.fd) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(0)
+            }
+            Op::Read { offset } => {
+                // SAFETY: forwarded contract on iov.
+                unsafe { transfer(self.fd, iov, offset, false) }
+            }
+            Op::Write { offset, dsync } => {
+                // SAFETY: forwarded contract on iov.
+                let n = unsafe { transfer(self.fd, iov, offset, true) }?;
+                // SAFETY: fdatasync has no memory arguments.
+                if dsync && unsafe { libc::fdatasync(self.fd) } < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(n)
+            }
+        }
+    }
+}
+
+/// preadv/pwritev over all of `iov`, resuming after short transfers.
+///
+/// # Safety
+/// The iovecs must point to valid memory (writable when reading).
+unsafe fn transfer(fd: RawFd, iov: &[libc::iovec], offset: u64, write: bool) -> io::Result<usize> {
+    let total: usize = iov.iter().map(|v| v.iov_len).sum();
+    let mut done = 0usize;
+    let mut cur: Vec<libc::iovec>;
+    let mut slice = iov;
+    while done < total {
+        let cnt = slice.len().min(libc::UIO_MAXIOV as usize) as libc::c_int;
+        let off = (offset + done as u64) as libc::off_t;
+        // SAFETY: the iovecs are valid per the caller's contract; the kernel checks the rest.
+        let r = unsafe {
+            if write {
+                libc::pwritev(fd, slice.as_ptr(), cnt, off)
+            } else {
+                libc::preadv(fd, slice.as_ptr(), cnt, off)
+            }
+        };
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if r == 0 {
+            return Err(io::Error::from(io::ErrorKind::UnexpectedEof));
+        }
+        done += r as usize;
+        if done < total {
+            // Rebuild the remaining iovec list after a short transfer (rare).
+            let mut skip = done;
+            cur = Vec::new();
+            for v in iov {
+                if skip >= v.iov_len {
+                    skip -= v.iov_len;
+                    continue;
+                }
+                cur.push(libc::iovec {
+                    // SAFETY: skip < iov_len, so the pointer stays inside the buffer.
+                    iov_base: unsafe { v.iov_base.cast::<u8>().add(skip) }.cast(),
+                    iov_len: v.iov_len - skip,
+                });
+                skip = 0;
+            }
+            slice = &cur;
+        }
+    }
+    Ok(done)
+}
+
+/// An io_uring bound to one backing file, registered as fixed file 0.
+pub struct UringEngine {
+    ring: IoUring,
+    eventfd: OwnedFd,
+    in_flight: usize,
+    queued: usize,
+    /// Expected byte count per token, to detect short transfers.
+    expected: Vec<usize>,
+}
+
+impl UringEngine {
+    /// Creates a ring with room for `depth` operations on `fd`. Call before any sandbox: it
+    /// needs io_uring_setup, which the sandbox denies.
+    pub fn new(fd: RawFd, depth: u32) -> io::Result<Self> {
+        let entries = depth.next_power_of_two().max(8);
+        let ring = IoUring::builder()
+            .setup_cqsize(entries * 2)
+            .build(entries)?;
+        ring.submitter().register_files(&[fd])?;
+        // SAFETY: eventfd has no memory arguments; the result is checked.
+        let efd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+        if efd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh eventfd owned by nobody else.
+        let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
+        ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        Ok(Self {
+            ring,
+            eventfd,
+            in_flight: 0,
+            queued: 0,
+            expected: vec![0; entries as usize * 2],
+        })
+    }
+
+    /// The ring's own fd, for the sandbox's keep-list.
+    pub fn ring_fd(&self) -> RawFd {
+        self.ring.as_raw_fd()
+    }
+
+    /// # Safety
+    /// See [`Engine::submit`].
+    unsafe fn push(&mut self, op: Op, iov: &[libc::iovec], token: u32) -> Outcome {
+        let file = types::Fixed(0);
+        let total: usize = iov.iter().map(|v| v.iov_len).sum();
+        let entry = match op {
+            Op::Flush => opcode::Fsync::new(file)
+                .flags(types::FsyncFlags::DATASYNC)
+                .build(),
+            Op::Read { offset } if iov.len() == 1 => {
+                opcode::Read::new(file, iov[0].iov_base.cast(), iov[0].iov_len as u32)
+                    .offset(offset)
+                    .build()
+            }
+            Op::Read { offset } => opcode::Readv::new(file, iov.as_ptr(), iov.len() as u32)
+                .offset(offset)
+                .build(),
+            Op::Write { offset, dsync } => {
+                let flags = if dsync { libc::RWF_DSYNC } else { 0 };
+                if iov.len() == 1 {
+                    opcode::Write::new(file, iov[0].iov_base.cast(), iov[0].iov_len as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()
+                } else {
+                    opcode::Writev::new(file, iov.as_ptr(), iov.len() as u32)
+                        .offset(offset)
+                        .rw_flags(flags)
+                        .build()
+                }
+            }
+        };
+        let entry = entry.user_data(u64::from(token));
+        if (token as usize) >= self.expected.len() {
+            self.expected.resize(token as usize + 1, 0);
+        }
+        self.expected[token as usize] = total;
+        loop {
+            // SAFETY: the buffers the entry points to stay valid until its completion (the
+            // caller's contract); the iovec array itself is owned by the caller's slot.
+            let pushed = unsafe { self.ring.submission().push(&entry) };
+            match pushed {
+                Ok(()) => break,
+                Err(_full) => {
+                    // The submission queue is full: hand it to the kernel and retry.
+                    if let Err(e) = self.kick() {
+                        return Outcome::Executed(Err(e));
+                    }
+                }
+            }
+        }
+        self.queued += 1;
+        self.in_flight += 1;
+        Outcome::Submitted
+    }
+
+    fn kick(&mut self) -> io::Result<()> {
+        if self.queued == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit() {
+                Ok(_) => {
+                    self.queued = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) => {
+                    // The completion queue is full; completions will be reaped by the caller
+                    // and the submission retried on the next kick.
+                    return Ok(());
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn reap(&mut self, out: &mut Vec<Completion>) {
+        for cqe in self.ring.completion() {
+            let token = cqe.user_data() as u32;
+            let res = cqe.result();
+            self.in_flight -= 1;
+            let result = if res < 0 {
+                Err(io::Error::from_raw_os_error(-res))
+            } else {
+                let want = self.expected.get(token as usize).copied().unwrap_or(0);
+                let got = res as usize;
+                if want != 0 && got != want {
+                    Err(io::Error::new(
+                        io::ErrorKind::UnexpectedEof,
+                        format!("short transfer: {got} of {want} bytes"),
+                    ))
+                } else {
+                    Ok(got)
+                }
+            };
+            out.push(Completion { token, result });
+        }
+    }
+
+    fn wait(&mut self) -> io::Result<()> {
+        if self.in_flight == 0 {
+            return Ok(());
+        }
+        loop {
+            match self.ring.submit_and_wait(1) {
+                Ok(_) => {
+                    self.queued = 0;
+                    return Ok(());
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+}

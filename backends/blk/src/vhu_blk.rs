@@ -1,0 +1,382 @@
+//! The vhost-user glue: features, config space, and routing worker-thread events to the
+//! per-queue [`QueueWorker`]s. One worker thread per queue.
+
+use std::io;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{debug, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_bindings::virtio_blk::*;
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use vhostbox_common::daemon::{Device, ExitEvents};
+
+use crate::engine::{Engine, EngineKind, SyncEngine, UringEngine};
+use crate::worker::{GuestMem, QueueWorker, Shared, MAX_DISCARD_SEGMENTS};
+
+const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// Largest single data segment the driver may use (VIRTIO_BLK_F_SIZE_MAX).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Offset of the `writeback` byte in struct virtio_blk_config.
+const CONFIG_WRITEBACK_OFFSET: u32 = 32;
+/// Bytes of struct virtio_blk_config up to and including write_zeroes_may_unmap + padding.
+pub const CONFIG_LEN: usize = 60;
+
+/// Device settings fixed for the process's life.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub num_queues: u16,
+    pub queue_size: u16,
+    pub engine: EngineKind,
+}
+
+/// The virtio features this device offers.
+pub fn device_features(shared: &Shared) -> u64 {
+    let mut f = 1u64 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        | 1 << VIRTIO_BLK_F_SIZE_MAX
+        | 1 << VIRTIO_BLK_F_SEG_MAX
+        | 1 << VIRTIO_BLK_F_BLK_SIZE
+        | 1 << VIRTIO_BLK_F_TOPOLOGY
+        | 1 << VIRTIO_BLK_F_FLUSH
+        | 1 << VIRTIO_BLK_F_CONFIG_WCE
+        | 1 << VIRTIO_BLK_F_MQ;
+    if shared.disk.readonly {
+        f |= 1 << VIRTIO_BLK_F_RO;
+    } else {
+        f |= 1 << VIRTIO_BLK_F_DISCARD | 1 << VIRTIO_BLK_F_WRITE_ZEROES;
+    }
+    f
+}
+
+/// struct virtio_blk_config, little-endian.
+pub fn config_space(shared: &Shared, cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
+    let d = &shared.disk;
+    let mut c = [0u8; CONFIG_LEN];
+    let put32 = |c: &mut [u8; CONFIG_LEN], off: usize, v: u32| {
+        c[off..off + 4].copy_from_slice(&v.to_le_bytes())
+    };
+    c[0..8].copy_from_slice(&d.sectors().to_le_bytes());
+    put32(&mut c, 8, SIZE_MAX);
+    put32(
+        &mut c,
+        12,
+        u32::from(cfg.queue_size).saturating_sub(2).max(1),
+    );
+    // 16..20 geometry: left zero (no CHS).
+    put32(&mut c, 20, d.block_size);
+    c[24] = d.topology.physical_block_exp;
+    c[25] = d.topology.alignment_offset;
+    c[26..28].copy_from_slice(&d.topology.min_io_size.to_le_bytes());
+    put32(&mut c, 28, d.topology.opt_io_size);
+    c[32] = u8::from(shared.writeback.load(Ordering::Relaxed));
+    c[34..36].copy_from_slice(&cfg.num_queues.to_le_bytes());
+    let block_sectors = d.block_size >> 9;
+    // Whole blocks, at most 2^32-1 sectors per segment.
+    let max_sectors = (u32::MAX / block_sectors) * block_sectors;
+    put32(&mut c, 36, max_sectors); // max_discard_sectors
+    put32(&mut c, 40, MAX_DISCARD_SEGMENTS); // max_discard_seg
+    put32(&mut c, 44, block_sectors); // discard_sector_alignment
+    put32(&mut c, 48, max_sectors); // max_write_zeroes_sectors
+    put32(&mut c, 52, MAX_DISCARD_SEGMENTS); // max_write_zeroes_seg
+    c[56] = 1; // write_zeroes_may_unmap
+    c
+}
+
+/// Per-connection backend state. A new one is built for every frontend.
+pub struct BlkBackend {
+    shared: Arc<Shared>,
+    cfg: DeviceConfig,
+    mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
+    workers: Vec<Mutex<QueueWorker>>,
+    /// The vring each worker serves, remembered so stop_vring can publish drained requests.
+    vrings: Vec<Mutex<Option<VringRwLock>>>,
+    exit: Arc<ExitEvents>,
+    acked: AtomicU64,
+    event_idx: AtomicBool,
+    pool: Arc<Mutex<Vec<Option<Engine>>>>,
+}
+
+impl BlkBackend {
+    /// Event id of a worker's engine-completion eventfd (ids up to num_queues are reserved).
+    pub fn completion_event(&self) -> u16 {
+        self.cfg.num_queues + 1
+    }
+
+    fn memory(&self) -> io::Result<Arc<GuestMem>> {
+        let guard = self.mem.read().unwrap_or_else(|e| e.into_inner());
+        match guard.as_ref() {
+            Some(m) => Ok(m.memory().into_inner()),
+            None => Err(io::Error::other("no guest memory mapped")),
+        }
+    }
+
+    fn run(&self, queue_index: usize, vring: &VringRwLock, completions: bool) -> io::Result<()> {
+        let mem = self.memory()?;
+        let mut worker = self.workers[queue_index]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        {
+            let mut slot = self.vrings[queue_index]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if slot.is_none() {
+                *slot = Some(vring.clone());
+            }
+        }
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let used = if completions {
+            worker.process_completions(queue, &mem)?
+        } else if queue.ready() {
+            worker.process_queue(queue, &mem)?
+        } else {
+            false
+        };
+        if used && state.needs_notification().map_err(io::Error::other)? {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for BlkBackend {
+    fn drop(&mut self) {
+        // Wait for the kernel to finish with guest buffers, then give the rings back for the
+        // next connection (they were made before any sandbox and cannot be made again).
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for (i, w) in self.workers.iter().enumerate() {
+            let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
+            w.abandon();
+            if let Some(e) = w.take_engine() {
+                pool[i] = Some(e);
+            }
+        }
+    }
+}
+
+impl VhostUserBackend for BlkBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        usize::from(self.cfg.num_queues)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        device_features(&self.shared)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, enabled: bool) {
+        self.event_idx.store(enabled, Ordering::Relaxed);
+    }
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        let c = config_space(&self.shared, &self.cfg);
+        let start = offset as usize;
+        match start.checked_add(size as usize) {
+            Some(end) if end <= c.len() => c[start..end].to_vec(),
+            _ => {
+                warn!("GET_CONFIG beyond the config space: offset {offset} size {size}");
+                Vec::new()
+            }
+        }
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        // Only the cache mode (`writeback`) is writable, and only with CONFIG_WCE.
+        let wce = self.acked.load(Ordering::Relaxed) & (1 << VIRTIO_BLK_F_CONFIG_WCE) != 0;
+        if offset == CONFIG_WRITEBACK_OFFSET && buf.len() == 1 && wce {
+            let wb = buf[0] != 0;
+            debug!(
+                "guest set cache mode to {}",
+                if wb { "write-back" } else { "write-through" }
+            );
+            self.shared.writeback.store(wb, Ordering::Relaxed);
+            if !wb {
+                // Switching to write-through: what was cached so far becomes durable now.
+                self.shared.disk.flush()?;
+            }
+            return Ok(());
+        }
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "SET_CONFIG of read-only field: offset {offset} size {}",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.num_queues).map(|i| 1u64 << i).collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit.pair(thread_index)
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> io::Result<()> {
+        let q = queue_index as usize;
+        let Some(w) = self.workers.get(q) else {
+            return Ok(());
+        };
+        let mut worker = w.lock().unwrap_or_else(|e| e.into_inner());
+        if worker.in_flight() == 0 {
+            return Ok(());
+        }
+        let vring = self.vrings[q]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(vring), Ok(mem)) = (vring, self.memory()) else {
+            worker.abandon();
+            return Ok(());
+        };
+        // Complete what is in flight so the ring state the frontend reads back is final.
+        let mut state = vring.get_mut();
+        let used = worker.drain(state.get_queue_mut(), &mem)?;
+        if used {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        if evset != EventSet::IN {
+            return Err(io::Error::other(format!("unexpected event set {evset:?}")));
+        }
+        let Some(vring) = vrings.first() else {
+            return Ok(());
+        };
+        if device_event == 0 {
+            self.run(thread_id, vring, false)
+        } else if device_event == self.completion_event() {
+            self.run(thread_id, vring, true)
+        } else {
+            Err(io::Error::other(format!("unknown event {device_event}")))
+        }
+    }
+}
+
+/// The device across connections: shared state, the per-queue engines (made once, before any
+/// sandbox) and the exit events.
+pub struct BlkDevice {
+    shared: Arc<Shared>,
+    cfg: DeviceConfig,
+    pool: Arc<Mutex<Vec<Option<Engine>>>>,
+    exit: Arc<ExitEvents>,
+    default_writeback: bool,
+}
+
+impl BlkDevice {
+    pub fn new(shared: Arc<Shared>, cfg: DeviceConfig) -> io::Result<Self> {
+        let n = usize::from(cfg.num_queues);
+        let mut pool = Vec::with_capacity(n);
+        for _ in 0..n {
+            pool.push(match (shared.disk.fd(), cfg.engine) {
+                (None, _) => None,
+                (Some(fd), EngineKind::Sync) => Some(Engine::Sync(SyncEngine::new(fd))),
+                (Some(fd), EngineKind::IoUring) => Some(Engine::Uring(Box::new(
+                    UringEngine::new(fd, u32::from(cfg.queue_size)).map_err(|e| {
+                        io::Error::new(e.kind(), format!("cannot set up io_uring: {e}"))
+                    })?,
+                ))),
+            });
+        }
+        let default_writeback = shared.writeback.load(Ordering::Relaxed);
+        Ok(Self {
+            shared,
+            cfg,
+            pool: Arc::new(Mutex::new(pool)),
+            exit: Arc::new(ExitEvents::new(n)?),
+            default_writeback,
+        })
+    }
+}
+
+impl Device for BlkDevice {
+    type Backend = Arc<BlkBackend>;
+
+    fn connect(&mut self) -> io::Result<Arc<BlkBackend>> {
+        self.exit.reset();
+        // Each frontend starts from the device's default cache mode.
+        self.shared
+            .writeback
+            .store(self.default_writeback, Ordering::Relaxed);
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        let n = usize::from(self.cfg.num_queues);
+        let workers = (0..n)
+            .map(|i| {
+                Mutex::new(QueueWorker::new(
+                    self.shared.clone(),
+                    pool[i].take(),
+                    self.cfg.queue_size,
+                ))
+            })
+            .collect();
+        Ok(Arc::new(BlkBackend {
+            shared: self.shared.clone(),
+            cfg: self.cfg.clone(),
+            mem: RwLock::new(None),
+            workers,
+            vrings: (0..n).map(|_| Mutex::new(None)).collect(),
+            exit: self.exit.clone(),
+            acked: AtomicU64::new(0),
+            event_idx: AtomicBool::new(false),
+            pool: self.pool.clone(),
+        }))
+    }
+
+    fn attach(
+        &mut self,
+        backend: &Arc<BlkBackend>,
+        handlers: &[Arc<VringEpollHandler<Arc<BlkBackend>>>],
+    ) -> io::Result<()> {
+        for (i, h) in handlers.iter().enumerate() {
+            let fd = backend.workers[i]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .completion_fd();
+            if let Some(fd) = fd {
+                h.register_listener(fd, EventSet::IN, u64::from(backend.completion_event()))?;
+            }
+        }
+        Ok(())
+    }
+}

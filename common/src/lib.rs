@@ -1,0 +1,10 @@
+//! What every vhostbox backend shares: the listener and the serve loop that hands one frontend
+//! connection after another to a fresh device instance, size parsing for the command line, and
+//! logging.
+
+pub mod daemon;
+pub mod logging;
+pub mod size;
+
+/// Exit status for a configuration or environment error (bad flag, missing file, busy socket).
+pub const EXIT_USAGE: i32 = 2;

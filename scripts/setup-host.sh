@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Installs what the tests and the demo need on a Debian bookworm machine (run as root):
+# QEMU 10.x from bookworm-backports, busybox-static and fio for the guest initramfs, and the
+# Debian guest kernel (downloaded, never installed). Idempotent.
+set -euo pipefail
+
+log() { echo "setup-host: $*" >&2; }
+
+if [ "$(id -u)" != 0 ]; then
+    log "must run as root (apt-get install)"; exit 1
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+
+# bookworm-backports from the machine's own Debian source: reuse its URI, add the suite.
+src=/etc/apt/sources.list.d/debian.sources
+if ! grep -rqs 'bookworm-backports' /etc/apt/sources.list /etc/apt/sources.list.d/; then
+    if [ -f "$src" ]; then
+        uri=$(awk '/^URIs:/ {print $2; exit}' "$src")
+    else
+        uri=$(awk '$1=="deb" && $3=="bookworm" {print $2; exit}' /etc/apt/sources.list)
+    fi
+    [ -n "$uri" ] || { log "cannot find the Debian mirror URI in $src"; exit 1; }
+    cat > /etc/apt/sources.list.d/vhostbox-backports.sources <<SRC
+Types: deb
+URIs: $uri
+Suites: bookworm-backports
+Components: main
+Signed-By: /usr/share/keyrings/debian-archive-keyring.gpg
+SRC
+fi
+
+apt-get update -qq
+
+need_qemu=1
+if command -v qemu-system-x86_64 >/dev/null; then
+    v=$(qemu-system-x86_64 --version | awk 'NR==1 {print $4}')
+    case "$v" in 1[0-9].*) need_qemu=0 ;; esac
+fi
+if [ "$need_qemu" = 1 ]; then
+    log "installing QEMU from bookworm-backports"
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+        qemu-system-x86 qemu-system-common qemu-system-data qemu-utils >/dev/null
+fi
+
+pkgs=()
+for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1; do
+    dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
+done
+if [ "${#pkgs[@]}" -gt 0 ]; then
+    log "installing ${pkgs[*]}"
+    apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
+fi
+qemu-system-x86_64 --version | head -1 >&2

@@ -1,0 +1,135 @@
+//! Helpers for the protocol and VM tests: start the real backend binaries, wait for their
+//! sockets, and drive them with real frontends.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+/// Path of a workspace binary built next to the running test (target/<profile>/NAME).
+/// `VHOSTBOX_BIN_DIR` overrides the directory.
+pub fn bin_path(name: &str) -> PathBuf {
+    if let Ok(dir) = std::env::var("VHOSTBOX_BIN_DIR") {
+        return Path::new(&dir).join(name);
+    }
+    let exe = std::env::current_exe().expect("current_exe");
+    // target/<profile>/deps/<test>-<hash>
+    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// A backend process, killed on drop.
+pub struct Backend {
+    pub child: Child,
+    pub socket: PathBuf,
+    stderr_path: PathBuf,
+}
+
+impl Backend {
+    /// Starts `bin` with `args` and waits until `socket` exists (the backend binds it).
+    pub fn start(bin: &str, socket: &Path, args: &[&str]) -> Backend {
+        let stderr_path = socket.with_extension("log");
+        let log = std::fs::File::create(&stderr_path).expect("log file");
+        let child = Command::new(bin_path(bin))
+            .args(args)
+            .env("VHOSTBOX_LOG", "debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn backend");
+        let mut b = Backend {
+            child,
+            socket: socket.to_owned(),
+            stderr_path,
+        };
+        b.wait_for_socket();
+        b
+    }
+
+    fn wait_for_socket(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !self.socket.exists() {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                panic!("backend exited early with {st}: {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "socket never appeared: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// What the backend wrote to stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends a signal and waits (up to 20 s) for the exit status.
+    pub fn signal_and_wait(&mut self, sig: i32) -> ExitStatus {
+        // SAFETY: kill() on our own child's pid.
+        unsafe { libc::kill(self.child.id() as i32, sig) };
+        self.wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("backend did not exit: {}", self.log()))
+    }
+
+    /// Waits for the process to exit.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Whether the process still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}
+
+impl Drop for Backend {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `bin` with `args` to completion and returns (exit code, stderr).
+pub fn run_to_exit(bin: &str, args: &[&str]) -> (i32, String) {
+    let out = Command::new(bin_path(bin))
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// A deterministic byte pattern for block `lba` written in round `gen`: verifies position and
+/// freshness of data, not just its presence.
+pub fn pattern(buf: &mut [u8], lba: u64, gen: u64) {
+    let mut x =
+        lba.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ gen.wrapping_mul(0xD1B5_4A32_D192_ED03) | 1;
+    for chunk in buf.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        chunk.copy_from_slice(&b[..chunk.len()]);
+    }
+}
