@@ -481,3 +481,568 @@ fn write_serial(mem: &GuestMem, data: &[Segment], serial: &[u8]) -> Result<usize
     }
     Ok(off)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::engine::{EngineKind, SyncEngine, UringEngine};
+    use crate::request::*;
+    use std::io::Write;
+    use std::os::unix::fs::FileExt;
+    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
+    use virtio_queue::mock::MockSplitQueue;
+
+    const F_NEXT: u16 = 1;
+    const F_WRITE: u16 = 2;
+    const MEM_SIZE: usize = 16 << 20;
+    const QSIZE: u16 = 64;
+    const HDR: u64 = 0x10_0000;
+    const DATA: u64 = 0x20_0000;
+    const STATUS: u64 = 0x30_0000;
+    const DATA2: u64 = 0x40_0000;
+
+    struct Env {
+        _img: tempfile::NamedTempFile,
+        path: std::path::PathBuf,
+        mem: Arc<GuestMem>,
+        shared: Arc<Shared>,
+    }
+
+    fn env(size: usize, readonly: bool) -> Env {
+        let mut img = tempfile::NamedTempFile::new().unwrap();
+        img.write_all(&vec![0u8; size]).unwrap();
+        let path = img.path().to_owned();
+        let disk = Disk::open(&path, readonly, false, None).unwrap();
+        let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
+        serial[..7].copy_from_slice(b"SER-123");
+        let shared = Arc::new(Shared {
+            disk,
+            serial,
+            writeback: AtomicBool::new(true),
+            stats: Stats::default(),
+        });
+        let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+        Env {
+            _img: img,
+            path,
+            mem,
+            shared,
+        }
+    }
+
+    fn worker(e: &Env, kind: EngineKind) -> QueueWorker {
+        let fd = e.shared.disk.fd().unwrap();
+        let engine = match kind {
+            EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
+            EngineKind::IoUring => Engine::Uring(Box::new(UringEngine::new(fd, 64).unwrap())),
+        };
+        QueueWorker::new(e.shared.clone(), Some(engine), QSIZE)
+    }
+
+    fn header(mem: &GuestMem, at: u64, ty: u32, sector: u64) {
+        let mut h = [0u8; 16];
+        h[0..4].copy_from_slice(&ty.to_le_bytes());
+        h[8..16].copy_from_slice(&sector.to_le_bytes());
+        mem.write_slice(&h, GuestAddress(at)).unwrap();
+    }
+
+    /// Writes one chain of (addr, len, device-writable) at descriptor index `at`.
+    fn add_chain(vq: &MockSplitQueue<GuestMem>, at: u16, descs: &[(u64, u32, bool)]) {
+        let raw: Vec<RawDescriptor> = descs
+            .iter()
+            .enumerate()
+            .map(|(i, &(addr, len, w))| {
+                let mut flags = if w { F_WRITE } else { 0 };
+                if i + 1 < descs.len() {
+                    flags |= F_NEXT;
+                }
+                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, at + i as u16 + 1))
+            })
+            .collect();
+        vq.add_desc_chains(&raw, at).unwrap();
+    }
+
+    /// Runs the worker until everything available is complete; returns the used entries
+    /// (head, len) added by this call.
+    fn run(w: &mut QueueWorker, q: &mut Queue, mem: &Arc<GuestMem>) -> Vec<(u32, u32)> {
+        let before = q.next_used();
+        w.process_queue(q, mem).unwrap();
+        w.drain(q, mem).unwrap();
+        let after = q.next_used();
+        let used_ring = q.used_ring();
+        (0..after.wrapping_sub(before))
+            .map(|k| {
+                let i = before.wrapping_add(k);
+                let slot = u64::from(i % QSIZE);
+                let at = GuestAddress(used_ring + 4 + slot * 8);
+                let id: u32 = mem.read_obj(at).unwrap();
+                let len: u32 = mem.read_obj(GuestAddress(at.0 + 4)).unwrap();
+                (id, len)
+            })
+            .collect()
+    }
+
+    fn status(mem: &GuestMem, at: u64) -> u8 {
+        mem.read_obj(GuestAddress(at)).unwrap()
+    }
+
+    fn for_engines(f: impl Fn(EngineKind)) {
+        f(EngineKind::Sync);
+        f(EngineKind::IoUring);
+    }
+
+    #[test]
+    fn write_then_read_round_trip() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
+            e.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
+            header(&e.mem, HDR, VIRTIO_BLK_T_OUT, 16);
+            // Data split over two descriptors.
+            add_chain(
+                &vq,
+                0,
+                &[
+                    (HDR, 16, false),
+                    (DATA, 4096, false),
+                    (DATA + 4096, 4096, false),
+                    (STATUS, 1, true),
+                ],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 1)]);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
+            let mut host = vec![0u8; 8192];
+            std::fs::File::open(&e.path)
+                .unwrap()
+                .read_exact_at(&mut host, 16 * 512)
+                .unwrap();
+            assert_eq!(host, data, "{kind:?}: image content");
+
+            // Read it back, header and data in one descriptor each way, status merged with data.
+            header(&e.mem, HDR, VIRTIO_BLK_T_IN, 16);
+            e.mem
+                .write_slice(&[0xffu8; 8193], GuestAddress(DATA2))
+                .unwrap();
+            add_chain(&vq, 4, &[(HDR, 16, false), (DATA2, 8193, true)]);
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(4, 8193)]);
+            let mut back = vec![0u8; 8192];
+            e.mem.read_slice(&mut back, GuestAddress(DATA2)).unwrap();
+            assert_eq!(back, data, "{kind:?}: read back");
+            assert_eq!(status(&e.mem, DATA2 + 8192), VIRTIO_BLK_S_OK);
+        });
+    }
+
+    #[test]
+    fn header_split_across_descriptors() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&e.path)
+                .unwrap()
+                .write_all_at(&[0xabu8; 512], 3 * 512)
+                .unwrap();
+            header(&e.mem, HDR, VIRTIO_BLK_T_IN, 3);
+            add_chain(
+                &vq,
+                0,
+                &[
+                    (HDR, 5, false),
+                    (HDR + 5, 11, false),
+                    (DATA, 512, true),
+                    (STATUS, 1, true),
+                ],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 513)]);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
+            let mut back = [0u8; 512];
+            e.mem.read_slice(&mut back, GuestAddress(DATA)).unwrap();
+            assert!(back.iter().all(|&b| b == 0xab));
+        });
+    }
+
+    #[test]
+    fn flush_get_id_and_unsupported() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+            add_chain(&vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 1)]);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
+
+            header(&e.mem, HDR + 64, VIRTIO_BLK_T_GET_ID, 0);
+            add_chain(
+                &vq,
+                2,
+                &[
+                    (HDR + 64, 16, false),
+                    (DATA, 20, true),
+                    (STATUS + 8, 1, true),
+                ],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(2, 21)]);
+            let mut id = [0u8; 20];
+            e.mem.read_slice(&mut id, GuestAddress(DATA)).unwrap();
+            assert_eq!(&id[..8], b"SER-123\0");
+            assert_eq!(status(&e.mem, STATUS + 8), VIRTIO_BLK_S_OK);
+
+            header(&e.mem, HDR + 128, 0x7777, 0);
+            add_chain(&vq, 5, &[(HDR + 128, 16, false), (STATUS + 16, 1, true)]);
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(5, 1)]);
+            assert_eq!(status(&e.mem, STATUS + 16), VIRTIO_BLK_S_UNSUPP);
+        });
+    }
+
+    #[test]
+    fn discard_and_write_zeroes() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            std::fs::write(&e.path, vec![0x11u8; 1 << 20]).unwrap();
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            let seg = |sector: u64, n: u32, flags: u32| {
+                let mut s = [0u8; 16];
+                s[0..8].copy_from_slice(&sector.to_le_bytes());
+                s[8..12].copy_from_slice(&n.to_le_bytes());
+                s[12..16].copy_from_slice(&flags.to_le_bytes());
+                s
+            };
+            let mut two = [0u8; 32];
+            two[..16].copy_from_slice(&seg(8, 8, 0));
+            two[16..].copy_from_slice(&seg(64, 16, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP));
+            e.mem.write_slice(&two, GuestAddress(DATA)).unwrap();
+            header(&e.mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+            add_chain(
+                &vq,
+                0,
+                &[(HDR, 16, false), (DATA, 32, false), (STATUS, 1, true)],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 1)]);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
+            let host = std::fs::read(&e.path).unwrap();
+            assert!(host[8 * 512..16 * 512].iter().all(|&b| b == 0), "{kind:?}");
+            assert!(host[64 * 512..80 * 512].iter().all(|&b| b == 0));
+            assert!(host[..8 * 512].iter().all(|&b| b == 0x11));
+            assert!(host[16 * 512..64 * 512].iter().all(|&b| b == 0x11));
+
+            // Discard with the unmap flag, or reserved flags: UNSUPP, nothing changes.
+            for (i, flags) in [(0u16, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP), (1, 0x80)] {
+                e.mem
+                    .write_slice(&seg(0, 8, flags), GuestAddress(DATA + 64))
+                    .unwrap();
+                header(&e.mem, HDR + 64, VIRTIO_BLK_T_DISCARD, 0);
+                let at = 4 + i * 3;
+                add_chain(
+                    &vq,
+                    at,
+                    &[
+                        (HDR + 64, 16, false),
+                        (DATA + 64, 16, false),
+                        (STATUS, 1, true),
+                    ],
+                );
+                assert_eq!(run(&mut w, &mut q, &e.mem), vec![(u32::from(at), 1)]);
+                assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_UNSUPP);
+            }
+            // Out-of-range segment after a valid one: IOERR and neither is applied.
+            let mut two = [0u8; 32];
+            two[..16].copy_from_slice(&seg(0, 8, 0));
+            two[16..].copy_from_slice(&seg(2040, 16, 0));
+            e.mem.write_slice(&two, GuestAddress(DATA + 128)).unwrap();
+            header(&e.mem, HDR + 128, VIRTIO_BLK_T_WRITE_ZEROES, 0);
+            add_chain(
+                &vq,
+                12,
+                &[
+                    (HDR + 128, 16, false),
+                    (DATA + 128, 32, false),
+                    (STATUS, 1, true),
+                ],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(12, 1)]);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_IOERR);
+            assert!(std::fs::read(&e.path).unwrap()[..8 * 512]
+                .iter()
+                .all(|&b| b == 0x11));
+        });
+    }
+
+    /// Every malformed chain gets IOERR (or, without a status byte, a zero-length completion),
+    /// nothing reaches the image, and the worker keeps serving.
+    #[test]
+    fn malformed_chains() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            std::fs::write(&e.path, vec![0x22u8; 1 << 20]).unwrap();
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            e.mem
+                .write_slice(&[0x99u8; 8192], GuestAddress(DATA))
+                .unwrap();
+            let beyond = MEM_SIZE as u64 + 0x1000;
+            type Case = (u32, u64, Vec<(u64, u32, bool)>, Option<u8>);
+            let cases: Vec<Case> = vec![
+                // no device-writable descriptor at all: no status to write
+                (
+                    VIRTIO_BLK_T_OUT,
+                    0,
+                    vec![(HDR, 16, false), (DATA, 512, false)],
+                    None,
+                ),
+                // header too short
+                (
+                    VIRTIO_BLK_T_IN,
+                    0,
+                    vec![(HDR, 8, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // write whose data is device-writable (wrong direction)
+                (
+                    VIRTIO_BLK_T_OUT,
+                    0,
+                    vec![(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // read whose data is device-readable (wrong direction)
+                (
+                    VIRTIO_BLK_T_IN,
+                    0,
+                    vec![(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // readable descriptor after a writable one
+                (
+                    VIRTIO_BLK_T_IN,
+                    0,
+                    vec![
+                        (HDR, 16, false),
+                        (DATA, 512, true),
+                        (DATA2, 16, false),
+                        (STATUS, 1, true),
+                    ],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // sector past the end
+                (
+                    VIRTIO_BLK_T_OUT,
+                    2048,
+                    vec![(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // range crossing the end
+                (
+                    VIRTIO_BLK_T_OUT,
+                    2047,
+                    vec![(HDR, 16, false), (DATA, 1024, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // sector + length overflows u64
+                (
+                    VIRTIO_BLK_T_IN,
+                    u64::MAX,
+                    vec![(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // length not a multiple of 512
+                (
+                    VIRTIO_BLK_T_OUT,
+                    0,
+                    vec![(HDR, 16, false), (DATA, 500, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // data buffer outside guest memory
+                (
+                    VIRTIO_BLK_T_OUT,
+                    0,
+                    vec![(HDR, 16, false), (beyond, 512, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                (
+                    VIRTIO_BLK_T_IN,
+                    0,
+                    vec![
+                        (HDR, 16, false),
+                        (MEM_SIZE as u64 - 256, 512, true),
+                        (STATUS, 1, true),
+                    ],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+                // status byte outside guest memory: nothing can be reported
+                (
+                    VIRTIO_BLK_T_IN,
+                    0,
+                    vec![(HDR, 16, false), (DATA, 512, true), (beyond, 1, true)],
+                    None,
+                ),
+                // discard payload not a multiple of 16 bytes
+                (
+                    VIRTIO_BLK_T_DISCARD,
+                    0,
+                    vec![(HDR, 16, false), (DATA, 15, false), (STATUS, 1, true)],
+                    Some(VIRTIO_BLK_S_IOERR),
+                ),
+            ];
+            let mut at = 0u16;
+            for (i, (ty, sector, descs, want)) in cases.into_iter().enumerate() {
+                header(&e.mem, HDR, ty, sector);
+                e.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
+                add_chain(&vq, at, &descs);
+                let used = run(&mut w, &mut q, &e.mem);
+                assert_eq!(used.len(), 1, "{kind:?} case {i}: completed once");
+                assert_eq!(used[0].0, u32::from(at), "case {i}");
+                match want {
+                    Some(s) => assert_eq!(status(&e.mem, STATUS), s, "{kind:?} case {i}"),
+                    None => assert_eq!(used[0].1, 0, "{kind:?} case {i}: zero-length completion"),
+                }
+                at += descs.len() as u16;
+            }
+            assert!(
+                std::fs::read(&e.path).unwrap().iter().all(|&b| b == 0x22),
+                "image untouched"
+            );
+            // Still serving.
+            header(&e.mem, HDR, VIRTIO_BLK_T_IN, 0);
+            add_chain(
+                &vq,
+                at,
+                &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem).len(), 1);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
+            assert!(e.shared.stats.errors.load(Ordering::Relaxed) >= 13);
+        });
+    }
+
+    #[test]
+    fn readonly_refuses_writes() {
+        for_engines(|kind| {
+            let e = env(1 << 20, true);
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            e.mem
+                .write_slice(&[0x77u8; 512], GuestAddress(DATA))
+                .unwrap();
+            for (i, ty) in [
+                VIRTIO_BLK_T_OUT,
+                VIRTIO_BLK_T_WRITE_ZEROES,
+                VIRTIO_BLK_T_DISCARD,
+            ]
+            .into_iter()
+            .enumerate()
+            {
+                header(&e.mem, HDR, ty, 0);
+                let len = if ty == VIRTIO_BLK_T_OUT { 512 } else { 16 };
+                if ty != VIRTIO_BLK_T_OUT {
+                    let mut s = [0u8; 16];
+                    s[8..12].copy_from_slice(&8u32.to_le_bytes());
+                    e.mem.write_slice(&s, GuestAddress(DATA)).unwrap();
+                }
+                let at = (i * 3) as u16;
+                add_chain(
+                    &vq,
+                    at,
+                    &[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)],
+                );
+                assert_eq!(run(&mut w, &mut q, &e.mem), vec![(u32::from(at), 1)]);
+                assert_eq!(
+                    status(&e.mem, STATUS),
+                    VIRTIO_BLK_S_IOERR,
+                    "{kind:?} type {ty}"
+                );
+            }
+            assert!(std::fs::read(&e.path).unwrap().iter().all(|&b| b == 0));
+            // Reads and flushes still work.
+            header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+            add_chain(&vq, 9, &[(HDR, 16, false), (STATUS, 1, true)]);
+            run(&mut w, &mut q, &e.mem);
+            assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
+        });
+    }
+
+    /// Many requests in flight at once (io_uring keeps them all queued), all completed, with
+    /// each read landing in its own buffer.
+    #[test]
+    fn many_in_flight() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let content: Vec<u8> = (0..(1u32 << 20)).map(|i| (i / 4096) as u8).collect();
+            std::fs::write(&e.path, &content).unwrap();
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, kind);
+            for i in 0..20u64 {
+                let hdr = HDR + i * 16;
+                header(&e.mem, hdr, VIRTIO_BLK_T_IN, i * 8);
+                add_chain(
+                    &vq,
+                    (i * 3) as u16,
+                    &[
+                        (hdr, 16, false),
+                        (DATA + i * 4096, 4096, true),
+                        (STATUS + i, 1, true),
+                    ],
+                );
+            }
+            let used = run(&mut w, &mut q, &e.mem);
+            assert_eq!(used.len(), 20);
+            for i in 0..20u64 {
+                assert_eq!(status(&e.mem, STATUS + i), VIRTIO_BLK_S_OK);
+                let mut b = vec![0u8; 4096];
+                e.mem
+                    .read_slice(&mut b, GuestAddress(DATA + i * 4096))
+                    .unwrap();
+                assert!(b.iter().all(|&x| x == i as u8), "{kind:?} request {i}");
+            }
+        });
+    }
+
+    #[test]
+    fn null_device_reads_zeros() {
+        let shared = Arc::new(Shared {
+            disk: Disk::null(1 << 30, 512, false).unwrap(),
+            serial: [0; 20],
+            writeback: AtomicBool::new(true),
+            stats: Stats::default(),
+        });
+        let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+        let vq = MockSplitQueue::new(&*mem, QSIZE);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut w = QueueWorker::new(shared, None, QSIZE);
+        mem.write_slice(&[0xffu8; 4096], GuestAddress(DATA))
+            .unwrap();
+        header(&mem, HDR, VIRTIO_BLK_T_IN, (1 << 21) - 8);
+        add_chain(
+            &vq,
+            0,
+            &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+        );
+        assert_eq!(run(&mut w, &mut q, &mem), vec![(0, 4097)]);
+        let mut b = vec![1u8; 4096];
+        mem.read_slice(&mut b, GuestAddress(DATA)).unwrap();
+        assert!(b.iter().all(|&x| x == 0));
+        header(&mem, HDR, VIRTIO_BLK_T_OUT, 1 << 21);
+        add_chain(
+            &vq,
+            3,
+            &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+        );
+        run(&mut w, &mut q, &mem);
+        assert_eq!(
+            status(&mem, STATUS),
+            VIRTIO_BLK_S_IOERR,
+            "past the end of the null device"
+        );
+    }
+}
