@@ -11,7 +11,8 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-use io_uring::{opcode, types, IoUring};
+use io_uring::register::Restriction;
+use io_uring::{opcode, squeue, types, IoUring};
 
 /// Which engine a device uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,8 +240,10 @@ impl UringEngine {
     /// needs io_uring_setup, which the sandbox denies.
     pub fn new(fd: RawFd, depth: u32) -> io::Result<Self> {
         let entries = depth.next_power_of_two().max(8);
+        // Created disabled so restrictions can be registered before its first use.
         let ring = IoUring::builder()
             .setup_cqsize(entries * 2)
+            .setup_r_disabled()
             .build(entries)?;
         ring.submitter().register_files(&[fd])?;
         // SAFETY: eventfd has no memory arguments; the result is checked.
@@ -251,6 +254,22 @@ impl UringEngine {
         // SAFETY: a fresh eventfd owned by nobody else.
         let eventfd = unsafe { OwnedFd::from_raw_fd(efd) };
         ring.submitter().register_eventfd(eventfd.as_raw_fd())?;
+        // From here on the ring can do exactly what the engine needs: read, write and fsync on
+        // the registered image file. No other opcode (an OPENAT, a CONNECT, ...), no raw fds,
+        // no further register calls. A compromised worker holding the ring gains nothing
+        // beyond what it already has.
+        let fixed = squeue::Flags::FIXED_FILE.bits();
+        let mut res = [
+            Restriction::sqe_op(opcode::Read::CODE),
+            Restriction::sqe_op(opcode::Write::CODE),
+            Restriction::sqe_op(opcode::Readv::CODE),
+            Restriction::sqe_op(opcode::Writev::CODE),
+            Restriction::sqe_op(opcode::Fsync::CODE),
+            Restriction::sqe_flags_required(fixed),
+            Restriction::sqe_flags_allowed(fixed),
+        ];
+        ring.submitter().register_restrictions(&mut res)?;
+        ring.submitter().register_enable_rings()?;
         Ok(Self {
             ring,
             eventfd,
