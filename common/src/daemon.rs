@@ -100,6 +100,11 @@ impl VhostListener {
     pub fn raw_fd(&self) -> RawFd {
         self.listener.as_raw_fd()
     }
+
+    /// Whether this process bound the path (and will remove it when dropped).
+    pub fn path(&self) -> Option<&Path> {
+        self.owned_path.as_deref()
+    }
 }
 
 impl Drop for VhostListener {
@@ -226,6 +231,18 @@ fn start_signal_thread(listen_fd: RawFd) -> io::Result<Arc<ShutdownState>> {
         listen_fd,
     });
     let set = signal_set();
+    // A handler must exist for these signals to reach a process that is pid 1 of its pid
+    // namespace (a jailed worker); it never runs because the signals stay blocked.
+    extern "C" fn ignore(_: libc::c_int) {}
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: installs a no-op handler; the struct is fully initialised.
+        unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = ignore as *const () as usize;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut());
+        }
+    }
     // SAFETY: `set` is an initialised sigset_t; a null old-set pointer is allowed.
     let r = unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
     if r != 0 {
@@ -307,12 +324,15 @@ fn wait_for_connection(listen_fd: RawFd, st: &ShutdownState) -> Result<bool, Dae
     }
 }
 
-/// Serves frontends on `listener` until SIGTERM/SIGINT. Each connection gets a fresh backend
-/// from `device`; when the frontend disconnects its state is dropped and the next one is served.
+/// Serves frontends on `listener` until SIGTERM/SIGINT (or, with `once`, until the first
+/// frontend disconnects: a jailed worker serves one connection and exits). Each connection gets
+/// a fresh backend from `device`; when the frontend disconnects its state is dropped and the
+/// next one is served.
 pub fn serve<D: Device>(
     name: &str,
-    mut listener: VhostListener,
+    listener: &mut VhostListener,
     device: &mut D,
+    once: bool,
 ) -> Result<(), DaemonError> {
     let st = start_signal_thread(listener.raw_fd()).map_err(DaemonError::Signals)?;
     info!("ready; waiting for a frontend");
@@ -347,11 +367,13 @@ pub fn serve<D: Device>(
         drop(daemon);
         drop(backend);
         device.disconnected();
+        if once {
+            return Ok(());
+        }
         if !st.requested.load(Ordering::SeqCst) {
             info!("waiting for the next frontend");
         }
     }
     info!("shut down");
-    drop(listener);
     Ok(())
 }

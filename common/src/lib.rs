@@ -4,6 +4,7 @@
 
 pub mod daemon;
 pub mod logging;
+pub mod sandbox;
 pub mod size;
 
 /// Exit status for a configuration or environment error (bad flag, missing file, busy socket).

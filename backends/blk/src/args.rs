@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use vhostbox_common::sandbox::SandboxArgs;
 
 /// A virtio-blk device backend over vhost-user.
 ///
@@ -15,6 +16,12 @@ use clap::Parser;
 /// the image opened once at start-up; frontends are then served one after another on the same
 /// listener: when a frontend disconnects, its state is dropped and the next one is accepted.
 /// SIGTERM or SIGINT shut down cleanly and remove the socket.
+///
+/// The process is a small supervisor that holds the socket and the image and forks one
+/// jailed worker per frontend connection: new user, mount, pid, net, ipc, uts and cgroup
+/// namespaces, an empty read-only root, an unprivileged uid, no capabilities, no_new_privs,
+/// Landlock with no filesystem or network access, and a seccomp allow-list (kill on anything
+/// else). A worker that dies is logged (with the blocked syscall, for seccomp) and replaced.
 ///
 /// EXIT STATUS: 0 after a clean shutdown, 2 for a usage or configuration error (bad flag,
 /// missing or unreadable image, size not a multiple of the block size, busy socket path),
@@ -102,4 +109,13 @@ pub struct Args {
     /// Log level: off, error, warn, info, debug, trace. VHOSTBOX_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,
+
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    /// Test builds only: after entering the jail, the worker attempts this escape and reports
+    /// the outcome (see docs/security.md).
+    #[cfg(feature = "jail-probe")]
+    #[arg(long, value_name = "ATTEMPT", hide = true)]
+    pub jail_probe: Option<String>,
 }

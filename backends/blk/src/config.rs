@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use log::LevelFilter;
 use vhostbox_common::logging::parse_level;
+use vhostbox_common::sandbox::{resolve_user, Ids, SandboxMode, SeccompMode};
 use vhostbox_common::size::parse_size;
 
 use crate::args::Args;
@@ -37,6 +38,12 @@ pub struct Config {
     pub logical_block_size: Option<u32>,
     pub writeback: bool,
     pub log_level: LevelFilter,
+    pub sandbox: SandboxMode,
+    pub seccomp: SeccompMode,
+    /// The jailed worker's ids on the host.
+    pub ids: Ids,
+    /// Test builds: the escape the worker attempts after entering the jail.
+    pub jail_probe: Option<String>,
 }
 
 /// The most queues a device may have (one worker thread each).
@@ -86,6 +93,20 @@ impl TryFrom<Args> for Config {
         }
         let engine = a.engine.parse::<EngineKind>()?;
         let log_level = parse_level(&a.log_level)?;
+        let ids = resolve_user(a.sandbox.user.as_deref())?;
+        if a.sandbox.sandbox == SandboxMode::Chroot {
+            // SAFETY: geteuid has no arguments.
+            if unsafe { libc::geteuid() } != 0 {
+                return Err(
+                    "--sandbox chroot needs root (chroot and setuid); use --sandbox namespace"
+                        .into(),
+                );
+            }
+        }
+        #[cfg(feature = "jail-probe")]
+        let jail_probe = a.jail_probe;
+        #[cfg(not(feature = "jail-probe"))]
+        let jail_probe = None;
         Ok(Config {
             listen,
             backing,
@@ -98,6 +119,10 @@ impl TryFrom<Args> for Config {
             logical_block_size: a.logical_block_size,
             writeback: !a.writethrough,
             log_level,
+            sandbox: a.sandbox.sandbox,
+            seccomp: a.sandbox.seccomp,
+            ids,
+            jail_probe,
         })
     }
 }
@@ -147,6 +172,11 @@ mod tests {
             &["--engine", "aio"],
             &["--log-level", "loud"],
             &["--bogus"],
+            &["--sandbox", "vm"],
+            &["--seccomp", "maybe"],
+            &["--user", "no-such-user-here"],
+            &["--user", "0"],
+            &["--user", "x:y"],
         ] {
             let mut v = base.to_vec();
             v.extend_from_slice(extra);

@@ -123,6 +123,46 @@ impl Engine {
         }
     }
 
+    /// The fds the engine holds (ring and eventfd), for the jail's keep-list.
+    pub fn fds(&self) -> Vec<RawFd> {
+        match self {
+            Engine::Sync(_) => Vec::new(),
+            Engine::Uring(u) => vec![u.ring_fd(), u.eventfd.as_raw_fd()],
+        }
+    }
+
+    /// Jail probe: submits an OPENAT on this engine's ring (which its restrictions must refuse)
+    /// and returns the completion's result; `None` for the sync engine.
+    #[cfg(feature = "jail-probe")]
+    pub fn probe_openat(&mut self, path: &std::ffi::CStr) -> Option<io::Result<i32>> {
+        let Engine::Uring(u) = self else { return None };
+        let sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
+            .build()
+            .user_data(u64::MAX);
+        // SAFETY: `path` outlives the wait below, which reaps the operation.
+        if unsafe { u.ring.submission().push(&sqe) }.is_err() {
+            return Some(Err(io::Error::other("submission queue full")));
+        }
+        if let Err(e) = u.ring.submit_and_wait(1) {
+            return Some(Err(e));
+        }
+        let cqe = u.ring.completion().find(|c| c.user_data() == u64::MAX)?;
+        let r = cqe.result();
+        Some(if r < 0 {
+            Err(io::Error::from_raw_os_error(-r))
+        } else {
+            Ok(r)
+        })
+    }
+
+    /// The io_uring fd, if any.
+    pub fn ring_fd(&self) -> Option<RawFd> {
+        match self {
+            Engine::Sync(_) => None,
+            Engine::Uring(u) => Some(u.ring_fd()),
+        }
+    }
+
     /// Clears the completion eventfd's counter.
     pub fn consume_event(&self) {
         if let Some(fd) = self.completion_fd() {

@@ -9,6 +9,7 @@ pub mod config;
 pub mod disk;
 pub mod engine;
 pub mod request;
+pub mod seccomp;
 pub mod vhu_blk;
 pub mod worker;
 
@@ -18,6 +19,8 @@ use std::sync::Arc;
 use config::{Backing, Config, ListenOn};
 use disk::Disk;
 use vhostbox_common::daemon::{self, VhostListener};
+use vhostbox_common::sandbox::supervisor::{supervise, EmptyDir, EXIT_JAIL_FAILED};
+use vhostbox_common::sandbox::{self, JailConfig, SandboxMode};
 use vhostbox_common::EXIT_USAGE;
 
 /// Runs the daemon; returns the process exit code.
@@ -67,20 +70,96 @@ pub fn run(cfg: Config) -> i32 {
         queue_size: cfg.queue_size,
         engine: cfg.engine,
     };
-    let mut device = match vhu_blk::BlkDevice::new(shared, dev_cfg) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("vhostbox-blk: {e}");
-            return 1;
-        }
-    };
-    match daemon::serve("vhostbox-blk", listener, &mut device) {
-        Ok(()) => 0,
-        Err(e) => {
-            eprintln!("vhostbox-blk: {}", error_chain(&e));
-            1
-        }
+    let mut listener = listener;
+    if cfg.sandbox == SandboxMode::None {
+        log::warn!("*** --sandbox none: the backend runs UNCONFINED, with all the privileges of its user ***");
+        let mut device = match vhu_blk::BlkDevice::new(shared, dev_cfg) {
+            Ok(d) => d,
+            Err(e) => {
+                eprintln!("vhostbox-blk: {e}");
+                return 1;
+            }
+        };
+        return match daemon::serve("vhostbox-blk", &mut listener, &mut device, false) {
+            Ok(()) => 0,
+            Err(e) => {
+                eprintln!("vhostbox-blk: {}", error_chain(&e));
+                1
+            }
+        };
     }
+    let chroot_dir = if cfg.sandbox == SandboxMode::Chroot {
+        match EmptyDir::create() {
+            Ok(d) => Some(d),
+            Err(e) => {
+                eprintln!("vhostbox-blk: cannot create the empty chroot directory: {e}");
+                return 1;
+            }
+        }
+    } else {
+        None
+    };
+    let kind = shared.disk.kind;
+    let jail = JailConfig {
+        mode: cfg.sandbox,
+        seccomp: cfg.seccomp,
+        ids: cfg.ids,
+        chroot_dir: chroot_dir.as_ref().map(|d| d.0.clone()),
+        // Own fds plus what a frontend sends: memory regions (up to 509 slots) and three
+        // eventfds per queue.
+        nofile: 600 + 8 * u64::from(cfg.num_queues),
+        // main, signal, vhost-user and one worker thread per queue, plus slack.
+        nproc: 8 + u64::from(cfg.num_queues),
+        fsize: shared.disk.size.max(64 << 20),
+    };
+    // The report list is only used for names in the supervisor's messages.
+    let names = seccomp::rules(kind, 1);
+    let listen_fd = listener.raw_fd();
+    let probe = cfg.jail_probe.clone();
+    let code = supervise("vhostbox-blk", &jail, &names, |ctx| {
+        // In the worker process, not yet jailed: make what needs privilege (the rings).
+        let mut device = match vhu_blk::BlkDevice::new(shared.clone(), dev_cfg.clone()) {
+            Ok(d) => d,
+            Err(e) => {
+                log::error!("{e}");
+                return EXIT_JAIL_FAILED;
+            }
+        };
+        let mut keep = vec![listen_fd, ctx.report_fd];
+        keep.extend(shared.disk.fd());
+        keep.extend(device.fds());
+        vhostbox_common::sandbox::seccomp::set_report_fd(ctx.report_fd);
+        // SAFETY: getpid has no arguments.
+        let pid = unsafe { libc::getpid() } as u32;
+        if let Err(e) = sandbox::enter(&jail, &keep, seccomp::rules(kind, pid)) {
+            log::error!("cannot enter the sandbox: {e}");
+            return EXIT_JAIL_FAILED;
+        }
+        // Only the first worker probes, so its replacement shows the device still works.
+        if let (Some(p), 1) = (&probe, ctx.generation) {
+            return run_probe(p, &mut device);
+        }
+        match daemon::serve("vhostbox-blk", &mut listener, &mut device, true) {
+            Ok(()) => 0,
+            Err(e) => {
+                log::error!("{}", error_chain(&e));
+                1
+            }
+        }
+    });
+    drop(chroot_dir);
+    drop(listener);
+    code
+}
+
+#[cfg(feature = "jail-probe")]
+fn run_probe(name: &str, device: &mut vhu_blk::BlkDevice) -> i32 {
+    vhostbox_common::sandbox::probe::run(name, &mut |path| device.probe_uring_openat(path))
+}
+
+#[cfg(not(feature = "jail-probe"))]
+fn run_probe(_name: &str, _device: &mut vhu_blk::BlkDevice) -> i32 {
+    unreachable!("--jail-probe exists only in builds with the jail-probe feature")
 }
 
 fn fail_usage(e: &dyn std::error::Error) -> i32 {

@@ -330,6 +330,25 @@ impl BlkDevice {
     }
 }
 
+impl BlkDevice {
+    /// Every fd the device holds (rings, completion and exit eventfds): the jail's keep-list.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        let mut v = self.exit.raw_fds();
+        let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        for e in pool.iter().flatten() {
+            v.extend(e.fds());
+        }
+        v
+    }
+
+    /// Jail probe: asks the first pre-made io_uring to open `path`; `None` without a ring.
+    #[cfg(feature = "jail-probe")]
+    pub fn probe_uring_openat(&self, path: &std::ffi::CStr) -> Option<std::io::Result<i32>> {
+        let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
+        pool.iter_mut().flatten().find_map(|e| e.probe_openat(path))
+    }
+}
+
 impl Device for BlkDevice {
     type Backend = Arc<BlkBackend>;
 

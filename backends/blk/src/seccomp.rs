@@ -1,0 +1,63 @@
+//! vhostbox-blk's part of the seccomp allow-list (the transport part is in vhostbox-common).
+
+use vhostbox_common::sandbox::seccomp::{allow, allow_if, transport_rules, Arg, Rules};
+
+use crate::disk::DiskKind;
+
+const BLKDISCARD: u64 = 0x1277;
+const BLKZEROOUT: u64 = 0x127f;
+
+/// The worker's full allow-list for a device backed by `kind`.
+pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
+    use libc::*;
+    let mut r = transport_rules(own_pid);
+    r.extend([
+        allow(SYS_pread64, "pread64", "sync engine reads"),
+        allow(
+            SYS_pwrite64,
+            "pwrite64",
+            "sync engine writes; write-zeroes fallback",
+        ),
+        allow(SYS_preadv, "preadv", "sync engine reads into guest buffers"),
+        allow(
+            SYS_pwritev,
+            "pwritev",
+            "sync engine writes from guest buffers",
+        ),
+        allow(
+            SYS_preadv2,
+            "preadv2",
+            "the same, on libcs that use preadv2",
+        ),
+        allow(
+            SYS_pwritev2,
+            "pwritev2",
+            "the same, on libcs that use pwritev2",
+        ),
+        allow(SYS_fdatasync, "fdatasync", "FLUSH, write-through mode"),
+        allow(
+            SYS_fsync,
+            "fsync",
+            "FLUSH on libcs that map sync_data to fsync",
+        ),
+        allow(
+            SYS_fallocate,
+            "fallocate",
+            "DISCARD and WRITE_ZEROES on image files",
+        ),
+        allow(
+            SYS_io_uring_enter,
+            "io_uring_enter",
+            "io-uring engine: submit and reap on the pre-made, restricted rings",
+        ),
+    ]);
+    if kind == DiskKind::BlockDevice {
+        r.push(allow_if(
+            SYS_ioctl,
+            "ioctl",
+            "DISCARD and WRITE_ZEROES on block devices, nothing else",
+            vec![vec![Arg::Eq(1, BLKDISCARD)], vec![Arg::Eq(1, BLKZEROOUT)]],
+        ));
+    }
+    r
+}

@@ -1,0 +1,512 @@
+//! The jail every backend worker runs in.
+//!
+//! The order is the one the security model asks for: everything privileged (the listener, the
+//! image or tap, the io_uring rings) is opened first by the caller; then [`enter`] takes away,
+//! for good, everything the worker does not need to serve a frontend:
+//!
+//! - `namespace` mode: new user, mount, pid, net, ipc, uts and cgroup namespaces (made by the
+//!   supervisor's `clone`), `/` made private, `pivot_root` into an empty tmpfs that is then
+//!   remounted read-only, the old root detached; an unprivileged uid/gid outside the namespace;
+//! - `chroot` mode (for hosts without user namespaces; needs root): `chroot` into an empty
+//!   directory, then setgroups/setgid/setuid to the unprivileged user;
+//! - in both: every fd not on the keep-list closed, environment cleared, tight rlimits,
+//!   all capabilities dropped (effective, permitted, inheritable, ambient, bounding set),
+//!   no_new_privs, not dumpable, a Landlock ruleset that grants no filesystem access, no TCP
+//!   bind/connect and no signals or abstract sockets outside the domain, and a seccomp-bpf
+//!   allow-list (see [`seccomp`]).
+//!
+//! Nothing here silently downgrades: a missing kernel feature is an error that names it.
+
+pub mod seccomp;
+pub mod supervisor;
+
+#[cfg(feature = "jail-probe")]
+pub mod probe;
+
+use std::ffi::CString;
+use std::io;
+use std::os::fd::RawFd;
+
+use log::warn;
+
+/// How the worker is isolated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SandboxMode {
+    /// New user/mount/pid/net/ipc/uts/cgroup namespaces and pivot_root into an empty root.
+    Namespace,
+    /// chroot into an empty directory and switch to an unprivileged user (needs root).
+    Chroot,
+    /// No isolation at all. For debugging only: prints a warning.
+    None,
+}
+
+/// What seccomp does with a syscall that is not on the allow-list.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum SeccompMode {
+    /// Kill the worker (the supervisor logs the syscall and starts a fresh worker).
+    Kill,
+    /// Fail the syscall with SIGSYS delivered to the worker (it dies, reported like kill).
+    Trap,
+    /// Allow the syscall but log it: for bringing up a new kernel, libc or architecture.
+    Log,
+    /// No seccomp filter. For debugging only.
+    None,
+}
+
+/// The flags every backend has for its jail.
+#[derive(Debug, Clone, clap::Args)]
+pub struct SandboxArgs {
+    /// Isolation of the worker process: namespace (default), chroot (hosts without user
+    /// namespaces; needs root) or none (debugging only).
+    #[arg(long, value_enum, value_name = "MODE", default_value = "namespace")]
+    pub sandbox: SandboxMode,
+
+    /// Seccomp action for syscalls outside the allow-list: kill (default), trap, log (allow
+    /// and log: for a new kernel or libc) or none.
+    #[arg(long, value_enum, value_name = "ACTION", default_value = "kill")]
+    pub seccomp: SeccompMode,
+
+    /// Run the jailed worker as NAME, UID or UID:GID. Default: nobody (65534) when started
+    /// as root, else the invoking user, in both cases without any capability.
+    #[arg(long, value_name = "USER")]
+    pub user: Option<String>,
+}
+
+/// A uid/gid pair as seen from the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Ids {
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// The nobody-like id used when root starts a backend without --user.
+pub const NOBODY: u32 = 65534;
+
+/// Resolves `--user` (NAME, UID or UID:GID), or the default when absent.
+pub fn resolve_user(user: Option<&str>) -> Result<Ids, String> {
+    // SAFETY: geteuid/getegid have no arguments and cannot fail.
+    let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
+    let Some(s) = user else {
+        return Ok(if euid == 0 {
+            Ids {
+                uid: NOBODY,
+                gid: NOBODY,
+            }
+        } else {
+            Ids {
+                uid: euid,
+                gid: egid,
+            }
+        });
+    };
+    let bad = || {
+        format!("invalid --user '{s}': expected NAME, UID or UID:GID of an existing non-root user")
+    };
+    let ids = if let Some((u, g)) = s.split_once(':') {
+        Ids {
+            uid: u.parse().map_err(|_| bad())?,
+            gid: g.parse().map_err(|_| bad())?,
+        }
+    } else if let Ok(uid) = s.parse::<u32>() {
+        Ids { uid, gid: uid }
+    } else {
+        lookup_user(s).ok_or_else(|| format!("--user '{s}': no such user"))?
+    };
+    if ids.uid == 0 || ids.gid == 0 {
+        return Err(format!("--user '{s}': the worker must not run as root"));
+    }
+    if euid != 0 && ids.uid != euid {
+        return Err(format!(
+            "--user '{s}': only root can run the worker as another user (running as uid {euid})"
+        ));
+    }
+    Ok(ids)
+}
+
+fn lookup_user(name: &str) -> Option<Ids> {
+    let c = CString::new(name).ok()?;
+    let mut pwd: libc::passwd = unsafe_zeroed();
+    let mut buf = vec![0 as libc::c_char; 16384];
+    let mut out: *mut libc::passwd = std::ptr::null_mut();
+    // SAFETY: all pointers are valid for the sizes given; getpwnam_r fills pwd/buf.
+    let r =
+        unsafe { libc::getpwnam_r(c.as_ptr(), &mut pwd, buf.as_mut_ptr(), buf.len(), &mut out) };
+    if r != 0 || out.is_null() {
+        return None;
+    }
+    Some(Ids {
+        uid: pwd.pw_uid,
+        gid: pwd.pw_gid,
+    })
+}
+
+fn unsafe_zeroed<T: Copy>() -> T {
+    // SAFETY: only used for plain C structs (passwd, rlimit, cap data) where zero is valid.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Everything [`enter`] needs.
+#[derive(Debug, Clone)]
+pub struct JailConfig {
+    pub mode: SandboxMode,
+    pub seccomp: SeccompMode,
+    /// The worker's ids on the host.
+    pub ids: Ids,
+    /// Directory to chroot into (chroot mode): empty, owned by root.
+    pub chroot_dir: Option<std::path::PathBuf>,
+    /// RLIMIT_NOFILE: fds the worker may hold (its own plus what a frontend sends).
+    pub nofile: u64,
+    /// RLIMIT_NPROC: tasks (threads) the worker may have.
+    pub nproc: u64,
+    /// RLIMIT_FSIZE: largest file offset the worker may write (the image size).
+    pub fsize: u64,
+}
+
+/// Why the jail could not be entered. Each names the missing piece.
+#[derive(Debug, thiserror::Error)]
+pub enum JailError {
+    #[error("{what} failed: {err}{hint}")]
+    Step {
+        what: &'static str,
+        err: io::Error,
+        hint: &'static str,
+    },
+    #[error("Landlock: {0} (the kernel must support Landlock ABI 4 or later; run with --sandbox none to go without, at your own risk)")]
+    Landlock(String),
+    #[error("seccomp: {0}")]
+    Seccomp(String),
+}
+
+fn step(what: &'static str, r: libc::c_long) -> Result<(), JailError> {
+    if r < 0 {
+        return Err(JailError::Step {
+            what,
+            err: io::Error::last_os_error(),
+            hint: "",
+        });
+    }
+    Ok(())
+}
+
+fn step_hint(what: &'static str, r: libc::c_long, hint: &'static str) -> Result<(), JailError> {
+    if r < 0 {
+        return Err(JailError::Step {
+            what,
+            err: io::Error::last_os_error(),
+            hint,
+        });
+    }
+    Ok(())
+}
+
+/// Closes every fd except `keep` (which must include what the worker still needs).
+pub fn close_other_fds(keep: &[RawFd]) -> Result<(), JailError> {
+    let mut keep: Vec<u32> = keep
+        .iter()
+        .filter(|&&f| f >= 0)
+        .map(|&f| f as u32)
+        .collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut next = 0u32;
+    for &k in &keep {
+        if k > next {
+            // SAFETY: close_range has no memory arguments.
+            step("close_range", unsafe {
+                libc::syscall(libc::SYS_close_range, next, k - 1, 0)
+            })?;
+        }
+        next = k + 1;
+    }
+    // SAFETY: as above.
+    step("close_range", unsafe {
+        libc::syscall(libc::SYS_close_range, next, u32::MAX, 0)
+    })
+}
+
+fn set_rlimit(res: libc::__rlimit_resource_t, v: u64, what: &'static str) -> Result<(), JailError> {
+    let lim = libc::rlimit {
+        rlim_cur: v,
+        rlim_max: v,
+    };
+    // SAFETY: setrlimit reads the struct we pass.
+    step(what, unsafe { libc::setrlimit(res, &lim) } as libc::c_long)
+}
+
+/// Drops every capability: bounding set, ambient, then effective/permitted/inheritable.
+fn drop_capabilities() -> Result<(), JailError> {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return step("dropping the capability bounding set", -1);
+        }
+    }
+    // SAFETY: prctl with integer arguments.
+    step("clearing ambient capabilities", unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } as libc::c_long)?;
+    #[repr(C)]
+    struct Header {
+        version: u32,
+        pid: i32,
+    }
+    #[repr(C)]
+    #[derive(Clone, Copy)]
+    struct Data {
+        effective: u32,
+        permitted: u32,
+        inheritable: u32,
+    }
+    let hdr = Header {
+        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+        pid: 0,
+    };
+    let data = [Data {
+        effective: 0,
+        permitted: 0,
+        inheritable: 0,
+    }; 2];
+    // SAFETY: capset reads a v3 header and two data structs, which we pass.
+    step("capset", unsafe {
+        libc::syscall(libc::SYS_capset, &hdr as *const Header, data.as_ptr())
+    })
+}
+
+fn landlock() -> Result<(), JailError> {
+    use landlock::{
+        Access, AccessFs, AccessNet, CompatLevel, Compatible, Ruleset, RulesetAttr, RulesetStatus,
+        Scope, ABI,
+    };
+    let abi = ABI::V6;
+    let status = Ruleset::default()
+        .set_compatibility(CompatLevel::BestEffort)
+        .handle_access(AccessFs::from_all(abi))
+        .and_then(|r| r.handle_access(AccessNet::from_all(abi)))
+        .and_then(|r| r.scope(Scope::from_all(abi)))
+        .and_then(|r| r.create())
+        .and_then(|r| landlock::RulesetCreatedAttr::no_new_privs(r, true).restrict_self())
+        .map_err(|e| JailError::Landlock(e.to_string()))?;
+    match status.ruleset {
+        RulesetStatus::FullyEnforced => Ok(()),
+        RulesetStatus::PartiallyEnforced => {
+            // Filesystem access is always fully handled (ABI 1 covers open/exec); what may be
+            // missing on an older kernel is the network or scope part.
+            warn!("Landlock is only partially enforced on this kernel (ABI < 6): no network/signal scoping");
+            Ok(())
+        }
+        RulesetStatus::NotEnforced => Err(JailError::Landlock(
+            "not enforced: the kernel has no Landlock".into(),
+        )),
+    }
+}
+
+/// In namespace mode, before anything else: settle on the unprivileged ids, which the
+/// supervisor mapped to themselves (`ID ID 1`), so the worker is not root even inside its own
+/// user namespace (uid 0 does not exist there) and keeps, until they are dropped below, only the
+/// capabilities the namespace's creator gets. The supplementary groups inherited from the host
+/// are dropped.
+fn become_namespace_user(ids: Ids) -> Result<(), JailError> {
+    // SAFETY: plain syscalls with integer arguments.
+    unsafe {
+        step(
+            "setresgid in the user namespace",
+            libc::setresgid(ids.gid, ids.gid, ids.gid) as libc::c_long,
+        )?;
+        // Allowed when the supervisor was privileged; otherwise setgroups is denied by design
+        // and the groups are the invoking user's own.
+        if libc::setgroups(0, std::ptr::null()) < 0
+            && io::Error::last_os_error().raw_os_error() != Some(libc::EPERM)
+        {
+            return step("setgroups", -1);
+        }
+        step(
+            "setresuid in the user namespace",
+            libc::setresuid(ids.uid, ids.uid, ids.uid) as libc::c_long,
+        )
+    }
+}
+
+fn c(s: &str) -> CString {
+    CString::new(s).expect("no NUL in a constant path")
+}
+
+/// Mount namespace: private propagation, an empty tmpfs as the new root, the old root gone.
+fn pivot_into_empty_root() -> Result<(), JailError> {
+    let none = std::ptr::null::<libc::c_char>();
+    // SAFETY: mount/chdir/pivot_root/umount2 with valid NUL-terminated strings or null.
+    unsafe {
+        step_hint(
+            "making / private",
+            libc::mount(
+                none,
+                c("/").as_ptr(),
+                none,
+                libc::MS_REC | libc::MS_PRIVATE,
+                std::ptr::null(),
+            ) as libc::c_long,
+            " (is this a new mount namespace?)",
+        )?;
+        // Any existing directory works as the mount point: the tmpfs hides it only inside
+        // this mount namespace.
+        let mut target = None;
+        for cand in ["/tmp", "/mnt", "/run", "/proc"] {
+            let t = c(cand);
+            let r = libc::mount(
+                c("vhostbox").as_ptr(),
+                t.as_ptr(),
+                c("tmpfs").as_ptr(),
+                libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                c("size=4k,nr_inodes=2,mode=0555").as_ptr().cast(),
+            );
+            if r == 0 {
+                target = Some(t);
+                break;
+            }
+        }
+        let Some(t) = target else {
+            return step("mounting the empty root tmpfs", -1);
+        };
+        step(
+            "chdir to the new root",
+            libc::chdir(t.as_ptr()) as libc::c_long,
+        )?;
+        let dot = c(".");
+        step(
+            "pivot_root",
+            libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()),
+        )?;
+        step(
+            "detaching the old root",
+            libc::umount2(dot.as_ptr(), libc::MNT_DETACH) as libc::c_long,
+        )?;
+        step("chdir /", libc::chdir(c("/").as_ptr()) as libc::c_long)?;
+        step(
+            "remounting the root read-only",
+            libc::mount(
+                none,
+                c("/").as_ptr(),
+                none,
+                libc::MS_REMOUNT
+                    | libc::MS_BIND
+                    | libc::MS_RDONLY
+                    | libc::MS_NOSUID
+                    | libc::MS_NODEV
+                    | libc::MS_NOEXEC,
+                std::ptr::null(),
+            ) as libc::c_long,
+        )?;
+        let name = b"vhostbox";
+        step(
+            "sethostname",
+            libc::sethostname(name.as_ptr().cast(), name.len()) as libc::c_long,
+        )?;
+    }
+    Ok(())
+}
+
+fn chroot_into(dir: &std::path::Path, ids: Ids) -> Result<(), JailError> {
+    let d = CString::new(dir.as_os_str().as_encoded_bytes()).map_err(|_| JailError::Step {
+        what: "chroot",
+        err: io::Error::from(io::ErrorKind::InvalidInput),
+        hint: "",
+    })?;
+    // SAFETY: chdir/chroot with valid strings; set*id with integers.
+    unsafe {
+        step(
+            "chdir to the chroot directory",
+            libc::chdir(d.as_ptr()) as libc::c_long,
+        )?;
+        step_hint(
+            "chroot",
+            libc::chroot(c(".").as_ptr()) as libc::c_long,
+            " (--sandbox chroot needs root)",
+        )?;
+        step("chdir /", libc::chdir(c("/").as_ptr()) as libc::c_long)?;
+        // The bounding set must go while we still have CAP_SETPCAP.
+        drop_capabilities_bounding_only()?;
+        step(
+            "setgroups",
+            libc::setgroups(0, std::ptr::null()) as libc::c_long,
+        )?;
+        step(
+            "setresgid",
+            libc::setresgid(ids.gid, ids.gid, ids.gid) as libc::c_long,
+        )?;
+        step(
+            "setresuid",
+            libc::setresuid(ids.uid, ids.uid, ids.uid) as libc::c_long,
+        )?;
+    }
+    Ok(())
+}
+
+fn drop_capabilities_bounding_only() -> Result<(), JailError> {
+    for cap in 0..64 {
+        // SAFETY: prctl with integer arguments.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+            return step("dropping the capability bounding set", -1);
+        }
+    }
+    Ok(())
+}
+
+fn clear_env() {
+    // SAFETY: called while the worker is single-threaded; clearenv only frees libc's copy.
+    unsafe { libc::clearenv() };
+}
+
+/// Enters the jail. Call in the worker, single-threaded, after everything privileged is open.
+/// `keep` lists the fds to keep (0-2 are always kept, for logging). `rules` is the backend's
+/// seccomp allow-list.
+pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<(), JailError> {
+    if cfg.mode == SandboxMode::None {
+        return Ok(());
+    }
+    let mut k = vec![0, 1, 2];
+    k.extend_from_slice(keep);
+    match cfg.mode {
+        SandboxMode::Namespace => {
+            become_namespace_user(cfg.ids)?;
+            close_other_fds(&k)?;
+            pivot_into_empty_root()?;
+        }
+        SandboxMode::Chroot => {
+            close_other_fds(&k)?;
+            let dir = cfg.chroot_dir.as_deref().ok_or(JailError::Step {
+                what: "chroot",
+                err: io::Error::from(io::ErrorKind::NotFound),
+                hint: " (no directory)",
+            })?;
+            chroot_into(dir, cfg.ids)?;
+        }
+        SandboxMode::None => unreachable!(),
+    }
+    clear_env();
+    set_rlimit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
+    set_rlimit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
+    set_rlimit(libc::RLIMIT_FSIZE, cfg.fsize, "RLIMIT_FSIZE")?;
+    set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
+    set_rlimit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
+    drop_capabilities()?;
+    // SAFETY: prctl with integer arguments.
+    unsafe {
+        step(
+            "no_new_privs",
+            libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long,
+        )?;
+        step(
+            "PR_SET_DUMPABLE",
+            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) as libc::c_long,
+        )?;
+    }
+    landlock()?;
+    seccomp::install(cfg.seccomp, rules)
+}

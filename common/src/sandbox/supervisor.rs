@@ -1,0 +1,421 @@
+//! The supervisor: a minimal process that holds the listener and the device fds and forks one
+//! jailed worker at a time to serve frontends.
+//!
+//! Each worker serves one frontend connection and exits, so nothing a guest or frontend did to
+//! one worker survives into the next connection. When a worker dies (a crash, a seccomp kill),
+//! the supervisor logs why, including the blocked syscall for seccomp deaths, and forks a fresh
+//! jailed worker on the same fds, so the frontend's reconnect finds a working device. The
+//! supervisor stays single-threaded: the workers are made with a raw `clone` that also creates
+//! their namespaces, which is only sound from a single-threaded parent.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use log::{error, info, warn};
+
+use super::seccomp::{self, Rules};
+use super::{Ids, JailConfig, SandboxMode, SeccompMode};
+
+/// Exit code of a worker that could not enter its jail: the supervisor gives up.
+pub const EXIT_JAIL_FAILED: i32 = 3;
+
+/// What a worker knows about its supervisor.
+#[derive(Debug, Clone, Copy)]
+pub struct WorkerCtx {
+    /// Pipe to the supervisor for seccomp reports; keep it open in the jail.
+    pub report_fd: RawFd,
+    /// 1 for the first worker, counting up with each replacement.
+    pub generation: u64,
+}
+
+fn cvt(r: libc::c_long, what: &str) -> io::Result<libc::c_long> {
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+    }
+    Ok(r)
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two fds into the array.
+    let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
+    cvt(r as libc::c_long, "pipe2")?;
+    // SAFETY: fresh fds owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
+    // SAFETY: sigemptyset initialises the set; sigaddset with valid signals.
+    unsafe {
+        let mut s: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut s);
+        for &x in sigs {
+            libc::sigaddset(&mut s, x);
+        }
+        s
+    }
+}
+
+/// Writes the new user namespace's maps: `ids` map to themselves and nothing else exists
+/// inside, root included.
+fn write_id_maps(pid: i32, ids: Ids) -> io::Result<()> {
+    // SAFETY: geteuid has no arguments.
+    let privileged = unsafe { libc::geteuid() } == 0;
+    let w = |file: &str, s: String| {
+        fs::write(format!("/proc/{pid}/{file}"), s)
+            .map_err(|e| io::Error::new(e.kind(), format!("writing /proc/{pid}/{file}: {e}")))
+    };
+    if !privileged {
+        // Unprivileged: only our own ids may be mapped, and setgroups must be denied first.
+        w("setgroups", "deny".into())?;
+    }
+    w("gid_map", format!("{0} {0} 1\n", ids.gid))?;
+    w("uid_map", format!("{0} {0} 1\n", ids.uid))
+}
+
+struct Kmsg(Option<fs::File>);
+
+impl Kmsg {
+    /// /dev/kmsg, positioned at its end, if readable (root): the kernel's audit line for a
+    /// seccomp kill names the syscall.
+    fn open() -> Self {
+        use std::os::unix::fs::OpenOptionsExt;
+        let f = fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
+            .open("/dev/kmsg")
+            .ok();
+        if let Some(f) = &f {
+            // SAFETY: lseek on our fd.
+            unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
+        }
+        Kmsg(f)
+    }
+
+    /// The syscall number the kernel logged for a seccomp kill of `pid`.
+    fn seccomp_syscall(&mut self, pid: i32) -> Option<i64> {
+        let f = self.0.as_mut()?;
+        let mut found = None;
+        let mut buf = vec![0u8; 8192];
+        let needle = format!(" pid={pid} ");
+        while let Ok(n) = f.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            let rec = String::from_utf8_lossy(&buf[..n]);
+            if rec.contains("type=1326") && rec.contains(&needle) {
+                found = rec
+                    .split_whitespace()
+                    .find_map(|w| w.strip_prefix("syscall="))
+                    .and_then(|v| v.parse().ok());
+            }
+        }
+        found
+    }
+}
+
+struct Child {
+    pid: i32,
+    started: Instant,
+}
+
+/// Runs the supervisor until SIGTERM, SIGINT or SIGHUP. `worker` runs in each forked, not yet
+/// jailed worker process and returns its exit code; it must enter the jail itself (it knows
+/// which fds to keep) before serving. Returns the process exit code.
+pub fn supervise(
+    name: &str,
+    jail: &JailConfig,
+    rules: &Rules,
+    mut worker: impl FnMut(WorkerCtx) -> i32,
+) -> i32 {
+    match run(name, jail, rules, &mut worker) {
+        Ok(code) => code,
+        Err(e) => {
+            error!("supervisor: {e}");
+            1
+        }
+    }
+}
+
+fn run(
+    name: &str,
+    jail: &JailConfig,
+    rules: &Rules,
+    worker: &mut dyn FnMut(WorkerCtx) -> i32,
+) -> io::Result<i32> {
+    let sigs = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
+    // SAFETY: sigprocmask with a valid set.
+    let r = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
+    cvt(r as libc::c_long, "sigprocmask")?;
+    // SAFETY: signalfd with a valid set; the result is checked.
+    let sfd = cvt(
+        unsafe { libc::signalfd(-1, &sigs, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) }
+            as libc::c_long,
+        "signalfd",
+    )?;
+    // SAFETY: a fresh fd.
+    let sfd = unsafe { OwnedFd::from_raw_fd(sfd as RawFd) };
+    let (report_r, report_w) = pipe()?;
+    // SAFETY: fcntl on our fd.
+    unsafe { libc::fcntl(report_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+    let mut kmsg = if jail.seccomp == SeccompMode::Kill {
+        Kmsg::open()
+    } else {
+        Kmsg(None)
+    };
+    let mut reports = String::new();
+    let mut backoff = Duration::from_millis(50);
+    let mut child: Option<Child> = None;
+    let mut stopping = false;
+    let mut stop_deadline = None;
+    let mut generation = 0;
+    loop {
+        if child.is_none() {
+            if stopping {
+                return Ok(0);
+            }
+            generation += 1;
+            let c = spawn(
+                name,
+                jail,
+                WorkerCtx {
+                    report_fd: report_w.as_raw_fd(),
+                    generation,
+                },
+                worker,
+            )?;
+            info!("worker started, pid {}", c.pid);
+            child = Some(c);
+        }
+        let mut fds = [
+            libc::pollfd {
+                fd: sfd.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+            libc::pollfd {
+                fd: report_r.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            },
+        ];
+        let timeout = if stopping { 200 } else { -1 };
+        // SAFETY: fds is a valid array of two pollfds.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return Err(io::Error::last_os_error());
+        }
+        if fds[1].revents & libc::POLLIN != 0 {
+            let mut b = [0u8; 512];
+            // SAFETY: read into a local buffer.
+            let n = unsafe { libc::read(report_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+            if n > 0 {
+                reports.push_str(&String::from_utf8_lossy(&b[..n as usize]));
+            }
+        }
+        // Drain the signalfd.
+        loop {
+            let mut si: libc::signalfd_siginfo = unsafe_zeroed();
+            let sz = std::mem::size_of::<libc::signalfd_siginfo>();
+            // SAFETY: reads one siginfo into our struct.
+            let n = unsafe {
+                libc::read(
+                    sfd.as_raw_fd(),
+                    (&mut si as *mut libc::signalfd_siginfo).cast(),
+                    sz,
+                )
+            };
+            if n != sz as isize {
+                break;
+            }
+            let sig = si.ssi_signo as i32;
+            if sig != libc::SIGCHLD && !stopping {
+                info!("signal {sig} received, stopping the worker");
+                stopping = true;
+                stop_deadline = Some(Instant::now() + Duration::from_secs(10));
+                if let Some(c) = &child {
+                    // SAFETY: kill() on our own child.
+                    unsafe { libc::kill(c.pid, libc::SIGTERM) };
+                }
+            }
+        }
+        if let (Some(c), Some(d)) = (&child, stop_deadline) {
+            if Instant::now() > d {
+                warn!("worker {} did not stop in time, killing it", c.pid);
+                // SAFETY: kill() on our own child.
+                unsafe { libc::kill(c.pid, libc::SIGKILL) };
+                stop_deadline = None;
+            }
+        }
+        let Some(c) = &child else { continue };
+        let mut status = 0;
+        // SAFETY: waitpid on our own child with a valid status pointer.
+        let r = unsafe { libc::waitpid(c.pid, &mut status, libc::WNOHANG) };
+        if r != c.pid {
+            continue;
+        }
+        let pid = c.pid;
+        let lived = c.started.elapsed();
+        child = None;
+        if libc::WIFEXITED(status) {
+            let code = libc::WEXITSTATUS(status);
+            match code {
+                0 => {
+                    info!("worker {pid} finished");
+                    backoff = Duration::from_millis(50);
+                    continue;
+                }
+                EXIT_JAIL_FAILED => {
+                    error!("worker {pid} could not enter its sandbox; giving up");
+                    return Ok(1);
+                }
+                c => warn!("worker {pid} exited with status {c}"),
+            }
+        } else if libc::WIFSIGNALED(status) {
+            let sig = libc::WTERMSIG(status);
+            if sig == libc::SIGSYS {
+                // Let the report pipe catch up: the handler writes before dying.
+                let mut b = [0u8; 512];
+                // SAFETY: read into a local buffer.
+                let n = unsafe { libc::read(report_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
+                if n > 0 {
+                    reports.push_str(&String::from_utf8_lossy(&b[..n as usize]));
+                }
+                let from_report = reports
+                    .lines()
+                    .rev()
+                    .find_map(|l| l.strip_prefix("SECCOMP "))
+                    .and_then(|v| v.trim().parse::<i64>().ok());
+                let nr = from_report.or_else(|| kmsg.seccomp_syscall(pid));
+                match nr {
+                    Some(nr) => error!(
+                        "worker {pid} killed by seccomp (SIGSYS): syscall {nr} ({}) is not allowed",
+                        seccomp::syscall_name(nr, rules)
+                    ),
+                    None => error!(
+                        "worker {pid} killed by seccomp (SIGSYS); run with --seccomp trap to see the syscall"
+                    ),
+                }
+                reports.clear();
+            } else {
+                error!("worker {pid} killed by signal {sig}");
+            }
+        }
+        if stopping {
+            return Ok(0);
+        }
+        // A worker that dies right after starting would otherwise be respawned in a tight loop.
+        if lived < Duration::from_secs(2) {
+            std::thread::sleep(backoff);
+            backoff = (backoff * 2).min(Duration::from_secs(5));
+        } else {
+            backoff = Duration::from_millis(50);
+        }
+    }
+}
+
+fn unsafe_zeroed<T: Copy>() -> T {
+    // SAFETY: only used for plain C structs where zero is a valid value.
+    unsafe { std::mem::zeroed() }
+}
+
+fn spawn(
+    name: &str,
+    jail: &JailConfig,
+    ctx: WorkerCtx,
+    worker: &mut dyn FnMut(WorkerCtx) -> i32,
+) -> io::Result<Child> {
+    let (sync_r, sync_w) = pipe()?;
+    let mut flags = libc::SIGCHLD as libc::c_long;
+    if jail.mode == SandboxMode::Namespace {
+        flags |= (libc::CLONE_NEWUSER
+            | libc::CLONE_NEWNS
+            | libc::CLONE_NEWPID
+            | libc::CLONE_NEWNET
+            | libc::CLONE_NEWIPC
+            | libc::CLONE_NEWUTS
+            | libc::CLONE_NEWCGROUP) as libc::c_long;
+    }
+    // SAFETY: clone without CLONE_VM and with a null stack behaves like fork: the child gets a
+    // copy of this (single-threaded) process and continues here with return value 0.
+    let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
+    if pid < 0 {
+        let e = io::Error::last_os_error();
+        let hint = if jail.mode == SandboxMode::Namespace {
+            " (creating user/mount/pid/net/ipc/uts/cgroup namespaces: are user namespaces enabled? \
+             check user.max_user_namespaces and kernel.unprivileged_userns_clone; as root, \
+             --sandbox chroot works without them; --sandbox none runs unconfined)"
+        } else {
+            ""
+        };
+        return Err(io::Error::new(
+            e.kind(),
+            format!("cannot start a worker: {e}{hint}"),
+        ));
+    }
+    if pid == 0 {
+        // The worker. Never return into the supervisor's code: _exit with the worker's code.
+        drop(sync_w);
+        let mut b = [0u8; 1];
+        // SAFETY: read into a local byte; prctl/sigprocmask with valid arguments.
+        let code = unsafe {
+            let n = libc::read(sync_r.as_raw_fd(), b.as_mut_ptr().cast(), 1);
+            if n != 1 {
+                libc::_exit(EXIT_JAIL_FAILED);
+            }
+            // Die with the supervisor: a worker must never outlive the process that owns the
+            // socket path.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            let empty = sigset(&[]);
+            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            drop(sync_r);
+            worker(ctx)
+        };
+        // SAFETY: ends the worker without running the supervisor's destructors.
+        unsafe { libc::_exit(code) };
+    }
+    let pid = pid as i32;
+    drop(sync_r);
+    if jail.mode == SandboxMode::Namespace {
+        if let Err(e) = write_id_maps(pid, jail.ids) {
+            // SAFETY: kill/waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(io::Error::new(
+                e.kind(),
+                format!("{name}: setting up the worker's user namespace: {e}"),
+            ));
+        }
+    }
+    // SAFETY: write one byte from a local to our pipe.
+    unsafe { libc::write(sync_w.as_raw_fd(), b"g".as_ptr().cast(), 1) };
+    Ok(Child {
+        pid,
+        started: Instant::now(),
+    })
+}
+
+/// An empty directory for `--sandbox chroot`, removed when dropped.
+pub struct EmptyDir(pub PathBuf);
+
+impl EmptyDir {
+    pub fn create() -> io::Result<Self> {
+        let base = std::env::temp_dir().join(format!("vhostbox-root-{}", std::process::id()));
+        fs::create_dir(&base)?;
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&base, fs::Permissions::from_mode(0o555))?;
+        Ok(EmptyDir(base))
+    }
+}
+
+impl Drop for EmptyDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir(&self.0);
+    }
+}

@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# The full test run: formatting, lints, unit tests, protocol tests against the real binaries
+# (libblkio as the frontend), and VM tests (QEMU boots a Linux guest whose own virtio drivers
+# use the backends). Run from anywhere; needs what scripts/setup-host.sh installs.
+#
+#   scripts/test.sh            everything
+#   VHOSTBOX_SKIP_VM=1 scripts/test.sh    everything but the VM tests (they say so loudly)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets -- -D warnings
+echo "== build"
+cargo build --workspace --bins
+if [ "${VHOSTBOX_SKIP_VM:-0}" != 1 ]; then
+    echo "== guest image"
+    scripts/build-guest.sh build/guest
+fi
+echo "== cargo test"
+cargo test --workspace --no-fail-fast -- --test-threads="${VHOSTBOX_TEST_THREADS:-2}"
