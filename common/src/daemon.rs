@@ -359,6 +359,10 @@ pub fn serve<D: Device>(
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) if st.requested.load(Ordering::SeqCst) => info!("connection closed: {e}"),
+            // vhost-user-backend reports an orderly close of the socket as an error.
+            Err(e) if e.to_string().contains("peer disconnected") => {
+                info!("frontend disconnected")
+            }
             Err(e) => error!("connection ended with an error: {e}"),
         }
         *st.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
