@@ -1,0 +1,93 @@
+#!/usr/bin/env bash
+# The main job, end to end: build vhostbox-blk, start it jailed (its default) on a fresh disk
+# image, show the jail from the outside, boot a small Linux guest under QEMU whose stock
+# virtio_blk driver uses it, and show what the guest did and what landed in the image.
+#
+#   scripts/demo.sh            (as root on Debian bookworm; installs QEMU 10 and the guest
+#                               pieces with scripts/setup-host.sh on first use)
+# Everything it makes is under build/demo/ (image, socket, backend log, guest console).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+root=$PWD
+out=$root/build/demo
+
+bold() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+have_host() {
+    command -v qemu-system-x86_64 >/dev/null &&
+        qemu-system-x86_64 --version | awk 'NR==1 {exit !($4 ~ /^1[0-9]\./)}' &&
+        command -v busybox >/dev/null && command -v fio >/dev/null && command -v debugfs >/dev/null
+}
+if ! have_host; then
+    bold "installing QEMU 10, busybox, fio (scripts/setup-host.sh)"
+    scripts/setup-host.sh
+fi
+
+bold "building vhostbox-blk (release)"
+cargo build --release --bins -q
+bin=$root/target/release/vhostbox-blk
+
+bold "building the guest (Debian kernel + busybox/fio initramfs)"
+scripts/build-guest.sh build/guest
+
+rm -rf "$out"
+mkdir -p "$out"
+img=$out/disk.img
+sock=$out/blk.sock
+truncate -s 256M "$img"
+
+bold "starting vhostbox-blk, jailed"
+echo "\$ vhostbox-blk --socket-path $sock --image $img --num-queues 2 --serial demo-disk0"
+"$bin" --socket-path "$sock" --image "$img" --num-queues 2 --serial demo-disk0 \
+    2>"$out/blk.log" &
+sup=$!
+cleanup() {
+    if kill -TERM "$sup" 2>/dev/null; then wait "$sup" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
+for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
+[ -S "$sock" ] || { cat "$out/blk.log"; echo "demo: the backend did not start" >&2; exit 1; }
+worker=""
+for _ in $(seq 100); do worker=$(pgrep -P "$sup" | head -n 1 || true); [ -n "$worker" ] && break; sleep 0.05; done
+
+echo "supervisor pid $sup (holds the socket and the image), jailed worker pid $worker"
+if [ -n "$worker" ]; then
+    echo "worker /proc/$worker/status:"
+    grep -E '^(Uid|Gid|Groups|CapInh|CapPrm|CapEff|CapBnd|CapAmb|NoNewPrivs|Seccomp):' \
+        "/proc/$worker/status" | sed 's/^/    /'
+    echo "worker namespaces that differ from this shell's:"
+    for ns in user mnt pid net ipc uts cgroup; do
+        a=$(readlink "/proc/$worker/ns/$ns"); b=$(readlink "/proc/self/ns/$ns")
+        [ "$a" != "$b" ] && echo "    $ns: $a (host $b)"
+    done
+    echo "worker's root directory: [$(find "/proc/$worker/root/" -mindepth 1 -maxdepth 1 -printf '%f ' 2>/dev/null)] (empty)"
+    echo "worker's open files:"
+    for fd in /proc/"$worker"/fd/*; do
+        echo "    ${fd##*/} -> $(readlink "$fd")"
+    done
+fi
+
+bold "booting the guest on it (QEMU, TCG); the guest's output follows"
+scripts/mk-overlay.sh "$out/demo.cpio.gz" scripts/guest/blk-demo.sh:/demo.sh
+scripts/run-guest.sh --overlay "$out/demo.cpio.gz" --blk "$sock" --blk-queues 2 --cpus 2 \
+    --result "$out/summary.txt" --console "$out/console.txt" --timeout 300 || true
+sed -n '/== the disk/,$p' "$out/console.txt" | grep -v -E '^\[ *[0-9]+\.[0-9]+\]' || true
+
+bold "what the guest reported"
+sed 's/^DEMO /    /' "$out/summary.txt"
+
+bold "on the host: the guest's ext4 file system, read from the image"
+debugfs -R "ls -l /" "$img" 2>/dev/null | sed 's/^/    /'
+debugfs -R "cat /hello.txt" "$img" 2>/dev/null | sed 's/^/    hello.txt: /'
+
+bold "the backend's log"
+cleanup
+trap - EXIT
+sed 's/^/    /' "$out/blk.log"
+
+if grep -q "DEMO done" "$out/summary.txt" && ! grep -q "fail" "$out/summary.txt"; then
+    bold "demo ok: the guest used a disk served by a jailed vhostbox-blk"
+else
+    bold "demo FAILED: see $out/console.txt and $out/blk.log"
+    exit 1
+fi
