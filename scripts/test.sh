@@ -14,6 +14,8 @@ echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== build"
 cargo build --workspace --bins
+echo "== test-only jail-probe build (never shipped: target/jail-probe)"
+cargo build -p vhostbox-blk --features jail-probe --target-dir target/jail-probe
 if [ "${VHOSTBOX_SKIP_VM:-0}" != 1 ]; then
     echo "== guest image"
     scripts/build-guest.sh build/guest

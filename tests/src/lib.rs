@@ -33,9 +33,14 @@ pub struct Backend {
 impl Backend {
     /// Starts `bin` with `args` and waits until `socket` exists (the backend binds it).
     pub fn start(bin: &str, socket: &Path, args: &[&str]) -> Backend {
+        Backend::start_exe(&bin_path(bin), socket, args)
+    }
+
+    /// Like `start`, for an executable given by path.
+    pub fn start_exe(exe: &Path, socket: &Path, args: &[&str]) -> Backend {
         let stderr_path = socket.with_extension("log");
         let log = std::fs::File::create(&stderr_path).expect("log file");
-        let child = Command::new(bin_path(bin))
+        let child = Command::new(exe)
             .args(args)
             .env("VHOSTBOX_LOG", "debug")
             .stdin(Stdio::null())
@@ -91,6 +96,42 @@ impl Backend {
                 return None;
             }
             std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// The backend's (the supervisor's) pid.
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    /// The pid of the supervisor's current worker, waiting up to 10 s for one to exist.
+    pub fn worker_pid(&self) -> i32 {
+        let pid = self.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            if let Some(k) = kids.split_whitespace().next() {
+                return k.parse().unwrap();
+            }
+            assert!(Instant::now() < deadline, "no worker: {}", self.log());
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Waits up to 20 s for `needle` to appear in the log; returns the log.
+    pub fn wait_log(&self, needle: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.contains(needle) {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no {needle:?} in the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 

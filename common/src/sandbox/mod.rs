@@ -235,13 +235,7 @@ fn set_rlimit(res: libc::__rlimit_resource_t, v: u64, what: &'static str) -> Res
 
 /// Drops every capability: bounding set, ambient, then effective/permitted/inheritable.
 fn drop_capabilities() -> Result<(), JailError> {
-    for cap in 0..64 {
-        // SAFETY: prctl with integer arguments.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
-            return step("dropping the capability bounding set", -1);
-        }
-    }
+    drop_capabilities_bounding_only()?;
     // SAFETY: prctl with integer arguments.
     step("clearing ambient capabilities", unsafe {
         libc::prctl(
@@ -447,11 +441,18 @@ fn chroot_into(dir: &std::path::Path, ids: Ids) -> Result<(), JailError> {
     Ok(())
 }
 
+/// Empties the bounding set. Capabilities already gone are skipped, so this also succeeds
+/// after an earlier call took CAP_SETPCAP away.
 fn drop_capabilities_bounding_only() -> Result<(), JailError> {
     for cap in 0..64 {
         // SAFETY: prctl with integer arguments.
+        match unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } {
+            1 => {}
+            _ => continue, // not held, or beyond the kernel's last capability (EINVAL)
+        }
+        // SAFETY: prctl with integer arguments.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if r < 0 && io::Error::last_os_error().raw_os_error() != Some(libc::EINVAL) {
+        if r < 0 {
             return step("dropping the capability bounding set", -1);
         }
     }

@@ -96,8 +96,23 @@ impl Kmsg {
         Kmsg(f)
     }
 
-    /// The syscall number the kernel logged for a seccomp kill of `pid`.
+    /// The syscall number the kernel logged for a seccomp kill of `pid`, waiting up to a
+    /// second for the line: the audit record may trail the child's exit.
     fn seccomp_syscall(&mut self, pid: i32) -> Option<i64> {
+        self.0.as_ref()?;
+        let deadline = Instant::now() + Duration::from_secs(1);
+        loop {
+            if let Some(nr) = self.scan(pid) {
+                return Some(nr);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn scan(&mut self, pid: i32) -> Option<i64> {
         let f = self.0.as_mut()?;
         let mut found = None;
         let mut buf = vec![0u8; 8192];
@@ -297,7 +312,9 @@ fn run(
                         seccomp::syscall_name(nr, rules)
                     ),
                     None => error!(
-                        "worker {pid} killed by seccomp (SIGSYS); run with --seccomp trap to see the syscall"
+                        "worker {pid} killed by seccomp (SIGSYS): syscall unknown (the kernel's \
+                         audit line was rate-limited or /dev/kmsg is not readable); \
+                         --seccomp trap names it"
                     ),
                 }
                 reports.clear();
