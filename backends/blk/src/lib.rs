@@ -108,8 +108,11 @@ pub fn run(cfg: Config) -> i32 {
         // Own fds plus what a frontend sends: memory regions (up to 509 slots) and three
         // eventfds per queue.
         nofile: 600 + 8 * u64::from(cfg.num_queues),
-        // main, signal, vhost-user and one worker thread per queue, plus slack.
-        nproc: 8 + u64::from(cfg.num_queues),
+        // main, signal, vhost-user and one worker thread per queue, plus slack, plus the
+        // kernel's io-wq threads that run blocking io_uring work on the worker's behalf: they
+        // count against RLIMIT_NPROC too, and a ring that cannot start one fails the request
+        // (the guest would see IOERR). io-wq starts at most 4 per CPU per ring for bounded work.
+        nproc: 8 + u64::from(cfg.num_queues) * (1 + 4 * ncpus()),
         fsize: shared.disk.size.max(64 << 20),
     };
     // The report list is only used for names in the supervisor's messages.
@@ -150,6 +153,10 @@ pub fn run(cfg: Config) -> i32 {
     drop(chroot_dir);
     drop(listener);
     code
+}
+
+fn ncpus() -> u64 {
+    std::thread::available_parallelism().map_or(64, |n| n.get() as u64)
 }
 
 #[cfg(feature = "jail-probe")]

@@ -492,8 +492,17 @@ pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<
     }
     clear_env();
     set_rlimit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
-    set_rlimit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
+    // RLIMIT_NPROC counts every task of the uid in its user namespace: in namespace mode that is
+    // this worker alone; in chroot mode other processes of the same host uid (other backends
+    // running as nobody) would count too, so it is left alone there.
+    if cfg.mode == SandboxMode::Namespace {
+        set_rlimit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
+    }
     set_rlimit(libc::RLIMIT_FSIZE, cfg.fsize, "RLIMIT_FSIZE")?;
+    // A write past RLIMIT_FSIZE then fails with EFBIG (the guest gets IOERR) instead of killing
+    // the worker with SIGXFSZ.
+    // SAFETY: setting a signal's disposition to SIG_IGN.
+    unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
     set_rlimit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
     drop_capabilities()?;
