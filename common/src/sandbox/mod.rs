@@ -171,7 +171,7 @@ pub enum JailError {
         err: io::Error,
         hint: &'static str,
     },
-    #[error("Landlock: {0} (the kernel must support Landlock ABI 4 or later; run with --sandbox none to go without, at your own risk)")]
+    #[error("Landlock: {0} (the kernel must have Landlock enabled: CONFIG_SECURITY_LANDLOCK and landlock in the lsm= boot list; run with --sandbox none to go without, at your own risk)")]
     Landlock(String),
     #[error("seccomp: {0}")]
     Seccomp(String),

@@ -77,6 +77,20 @@ fn write_id_maps(pid: i32, ids: Ids) -> io::Result<()> {
     w("uid_map", format!("{0} {0} 1\n", ids.uid))
 }
 
+/// Appends what a worker wrote to the report pipe, keeping only the last few lines: the pipe
+/// comes from a process that may be compromised, so it must not grow the supervisor's memory.
+fn push_report(reports: &mut String, bytes: &[u8]) {
+    const KEEP: usize = 256;
+    reports.push_str(&String::from_utf8_lossy(bytes));
+    if reports.len() > KEEP {
+        let mut cut = reports.len() - KEEP;
+        while !reports.is_char_boundary(cut) {
+            cut += 1;
+        }
+        reports.drain(..cut);
+    }
+}
+
 struct Kmsg(Option<fs::File>);
 
 impl Kmsg {
@@ -229,7 +243,7 @@ fn run(
             // SAFETY: read into a local buffer.
             let n = unsafe { libc::read(report_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
             if n > 0 {
-                reports.push_str(&String::from_utf8_lossy(&b[..n as usize]));
+                push_report(&mut reports, &b[..n as usize]);
             }
         }
         // Drain the signalfd.
@@ -298,7 +312,7 @@ fn run(
                 // SAFETY: read into a local buffer.
                 let n = unsafe { libc::read(report_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
                 if n > 0 {
-                    reports.push_str(&String::from_utf8_lossy(&b[..n as usize]));
+                    push_report(&mut reports, &b[..n as usize]);
                 }
                 let from_report = reports
                     .lines()
