@@ -70,7 +70,22 @@ impl VhostListener {
             Ok(_) => return Err(DaemonError::NotASocket(path.to_owned())),
             Err(_) => {}
         }
-        let l = UnixListener::bind(path).map_err(|e| DaemonError::Bind(path.to_owned(), e))?;
+        // The path must only appear once the socket listens: bind(2) creates it before
+        // listen(2), and a frontend started as soon as the path exists would get ECONNREFUSED
+        // in between. So bind a temporary name next to it and rename it into place.
+        let tmp = temp_name(path);
+        let l = match &tmp {
+            Some(t) => {
+                let _ = fs::remove_file(t);
+                let l = UnixListener::bind(t).map_err(|e| DaemonError::Bind(path.to_owned(), e))?;
+                if let Err(e) = fs::rename(t, path) {
+                    let _ = fs::remove_file(t);
+                    return Err(DaemonError::Bind(path.to_owned(), e));
+                }
+                l
+            }
+            None => UnixListener::bind(path).map_err(|e| DaemonError::Bind(path.to_owned(), e))?,
+        };
         Ok(Self {
             listener: Listener::from(l),
             owned_path: Some(path.to_owned()),
@@ -113,6 +128,13 @@ impl Drop for VhostListener {
             let _ = fs::remove_file(p);
         }
     }
+}
+
+/// `.NAME.PID.tmp` in the socket's directory, if that still fits in a sockaddr_un.
+fn temp_name(path: &Path) -> Option<std::path::PathBuf> {
+    let name = path.file_name()?.to_str()?;
+    let t = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
+    (t.as_os_str().len() < 108).then_some(t)
 }
 
 fn sockopt(fd: RawFd, opt: libc::c_int) -> Option<libc::c_int> {
@@ -213,6 +235,16 @@ struct ShutdownState {
     wake: OwnedFd,
     connection: Mutex<Option<ShutdownHandle>>,
     listen_fd: RawFd,
+}
+
+/// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it creates later).
+/// Call first thing in main: a signal that arrives while the socket is being bound then waits
+/// for the supervisor's or the serve loop's handling instead of killing the process before it
+/// could remove its socket.
+pub fn block_shutdown_signals() {
+    let set = signal_set();
+    // SAFETY: sigprocmask with an initialised set and a null old-set pointer.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut()) };
 }
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in this thread (and so in every thread created after it)

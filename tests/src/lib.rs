@@ -143,6 +143,9 @@ impl Backend {
 
 impl Drop for Backend {
     fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- backend log\n{}", self.log());
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }

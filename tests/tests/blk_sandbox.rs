@@ -433,3 +433,37 @@ fn bad_user_is_a_usage_error() {
         assert!(!sock.exists(), "socket left behind for --user {user}");
     }
 }
+
+/// A worker never outlives its supervisor, even though switching ids clears the parent-death
+/// signal: killing the supervisor with SIGKILL takes the worker down too.
+#[test]
+fn worker_dies_with_its_supervisor() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    let mut be = Backend::start(BLK, &sock, &args(&sock, &img, &[]));
+    let w = be.worker_pid();
+    be.wait_log("ready; waiting for a frontend");
+    assert_eq!(status(w)["PPid"], be.pid().to_string());
+    be.child.kill().unwrap();
+    be.child.wait().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let state = fs::read_to_string(format!("/proc/{w}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines()
+                    .find(|l| l.starts_with("State:"))
+                    .map(|l| l.to_string())
+            });
+        match state {
+            None => break,                                // gone
+            Some(s) if s.contains("Z (zombie)") => break, // dead, waiting for a reaper
+            Some(s) => assert!(
+                std::time::Instant::now() < deadline,
+                "worker {w} outlived its supervisor: {s}"
+            ),
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

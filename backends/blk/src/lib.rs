@@ -25,6 +25,7 @@ use vhostbox_common::EXIT_USAGE;
 
 /// Runs the daemon; returns the process exit code.
 pub fn run(cfg: Config) -> i32 {
+    daemon::block_shutdown_signals();
     // Open everything privileged first: the listener and the image (and the io_uring rings,
     // in BlkDevice::new), before anything a sandbox would forbid.
     let listener = match &cfg.listen {

@@ -133,6 +133,16 @@ fn range_ok<M: GuestMemory + GuestMemoryBackend + ?Sized>(mem: &M, addr: u64, le
     GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
 }
 
+impl RequestError {
+    /// Whether the error is about addresses outside the guest memory view used.
+    pub fn is_memory(&self) -> bool {
+        matches!(
+            self,
+            RequestError::NoStatus | RequestError::HeaderUnreadable | RequestError::BadBuffer
+        )
+    }
+}
+
 /// Parses a chain. `descs` holds the chain's descriptors in order; `data` is a scratch vector
 /// that becomes the request's segment list (cleared first; its capacity is reused).
 pub fn parse<M>(mem: &M, descs: &[Desc], limits: &Limits, mut data: Vec<Segment>) -> ParseResult

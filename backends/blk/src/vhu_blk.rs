@@ -92,11 +92,19 @@ pub fn config_space(shared: &Shared, cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
     c
 }
 
+/// The connection's guest memory, as the frontend last set it.
+type MemSlot = RwLock<Option<GuestMemoryAtomic<GuestMem>>>;
+
+fn load_memory(slot: &MemSlot) -> Option<Arc<GuestMem>> {
+    let guard = slot.read().unwrap_or_else(|e| e.into_inner());
+    guard.as_ref().map(|m| m.memory().into_inner())
+}
+
 /// Per-connection backend state. A new one is built for every frontend.
 pub struct BlkBackend {
     shared: Arc<Shared>,
     cfg: DeviceConfig,
-    mem: RwLock<Option<GuestMemoryAtomic<GuestMem>>>,
+    mem: Arc<MemSlot>,
     workers: Vec<Mutex<QueueWorker>>,
     /// The vring each worker serves, remembered so stop_vring can publish drained requests.
     vrings: Vec<Mutex<Option<VringRwLock>>>,
@@ -113,15 +121,10 @@ impl BlkBackend {
     }
 
     fn memory(&self) -> io::Result<Arc<GuestMem>> {
-        let guard = self.mem.read().unwrap_or_else(|e| e.into_inner());
-        match guard.as_ref() {
-            Some(m) => Ok(m.memory().into_inner()),
-            None => Err(io::Error::other("no guest memory mapped")),
-        }
+        load_memory(&self.mem).ok_or_else(|| io::Error::other("no guest memory mapped"))
     }
 
     fn run(&self, queue_index: usize, vring: &VringRwLock, completions: bool) -> io::Result<()> {
-        let mem = self.memory()?;
         let mut worker = self.workers[queue_index]
             .lock()
             .unwrap_or_else(|e| e.into_inner());
@@ -134,14 +137,25 @@ impl BlkBackend {
             }
         }
         let mut state = vring.get_mut();
-        let queue = state.get_queue_mut();
-        let used = if completions {
-            worker.process_completions(queue, &mem)?
-        } else if queue.ready() {
-            worker.process_queue(queue, &mem)?
-        } else {
-            false
-        };
+        let mut used = false;
+        let mut completions = completions;
+        loop {
+            // Loaded for every pass: a region the frontend added (ADD_MEM_REG, acknowledged
+            // before it queued requests that use it) must be visible to the next pass.
+            let mem = self.memory()?;
+            let queue = state.get_queue_mut();
+            used |= if completions {
+                worker.process_completions(queue, &mem)?
+            } else if queue.ready() {
+                worker.process_queue(queue, &mem)?
+            } else {
+                false
+            };
+            if !worker.take_more() {
+                break;
+            }
+            completions = false;
+        }
         if used && state.needs_notification().map_err(io::Error::other)? {
             state.signal_used_queue()?;
         }
@@ -360,19 +374,20 @@ impl Device for BlkDevice {
             .store(self.default_writeback, Ordering::Relaxed);
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let n = usize::from(self.cfg.num_queues);
+        let mem: Arc<MemSlot> = Arc::new(RwLock::new(None));
         let workers = (0..n)
             .map(|i| {
-                Mutex::new(QueueWorker::new(
-                    self.shared.clone(),
-                    pool[i].take(),
-                    self.cfg.queue_size,
-                ))
+                let mut w =
+                    QueueWorker::new(self.shared.clone(), pool[i].take(), self.cfg.queue_size);
+                let m = mem.clone();
+                w.set_memory_source(Box::new(move || load_memory(&m)));
+                Mutex::new(w)
             })
             .collect();
         Ok(Arc::new(BlkBackend {
             shared: self.shared.clone(),
             cfg: self.cfg.clone(),
-            mem: RwLock::new(None),
+            mem,
             workers,
             vrings: (0..n).map(|_| Mutex::new(None)).collect(),
             exit: self.exit.clone(),

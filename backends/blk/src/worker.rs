@@ -50,8 +50,15 @@ struct Slot {
     mem: Option<Arc<GuestMem>>,
 }
 
+/// Loads the current guest memory of the connection.
+pub type MemSource = Box<dyn Fn() -> Option<Arc<GuestMem>> + Send>;
+
 /// Processes one virtqueue.
 pub struct QueueWorker {
+    /// Set when new requests arrived while notifications were being re-enabled.
+    more: bool,
+    /// Loads the connection's current guest memory (see `set_memory_source`).
+    mem_source: Option<MemSource>,
     shared: Arc<Shared>,
     engine: Option<Engine>,
     slots: Vec<Slot>,
@@ -87,6 +94,8 @@ impl QueueWorker {
             segs: Vec::with_capacity(16),
             done: Vec::with_capacity(n as usize),
             logged_errors: 0,
+            more: false,
+            mem_source: None,
         }
     }
 
@@ -135,14 +144,31 @@ impl QueueWorker {
                 // Out of room: completions will call back in here. Leave notifications off.
                 break;
             }
-            if !queue
+            if queue
                 .enable_notification(&**mem)
                 .map_err(io::Error::other)?
             {
-                break;
+                // More arrived meanwhile. The caller runs another pass with a fresh view of
+                // guest memory: the frontend may have added a region since `mem` was taken.
+                self.more = true;
             }
+            break;
         }
         Ok(used)
+    }
+
+    /// Where to load the connection's current guest memory from when a request's buffers are
+    /// not in the view the current pass started with: the frontend may have added a region
+    /// (and had it acknowledged) after the pass loaded its view and before it queued the
+    /// request. Without a source such requests fail.
+    pub fn set_memory_source(&mut self, f: MemSource) {
+        self.mem_source = Some(f);
+    }
+
+    /// Whether requests arrived during the last pass and another pass (with a freshly loaded
+    /// guest memory) should run. Clears the flag.
+    pub fn take_more(&mut self) -> bool {
+        std::mem::take(&mut self.more)
     }
 
     /// Publishes finished asynchronous requests, then takes new ones if room appeared.
@@ -262,7 +288,20 @@ impl QueueWorker {
             max_segments: MAX_SEGMENTS,
         };
         let segs = std::mem::take(&mut self.segs);
-        let req = match request::parse(&**mem, &self.descs, &limits, segs) {
+        let mut parsed = request::parse(&**mem, &self.descs, &limits, segs);
+        let fresh = match &parsed {
+            Err((e, _)) if e.is_memory() => self
+                .mem_source
+                .as_ref()
+                .and_then(|f| f())
+                .filter(|m| !Arc::ptr_eq(m, mem)),
+            _ => None,
+        };
+        if let Some(m) = &fresh {
+            parsed = request::parse(&**m, &self.descs, &limits, Vec::new());
+        }
+        let mem = fresh.as_ref().unwrap_or(mem);
+        let req = match parsed {
             Ok(r) => r,
             Err((e, status)) => {
                 self.note_error(format_args!("malformed request: {e}"));
@@ -589,6 +628,58 @@ mod tests {
     fn for_engines(f: impl Fn(EngineKind)) {
         f(EngineKind::Sync);
         f(EngineKind::IoUring);
+    }
+
+    /// A region the frontend added after a pass loaded its view of guest memory: with a
+    /// memory source the request is re-parsed against the current memory and succeeds;
+    /// without one it fails with IOERR (and the backend keeps going).
+    #[test]
+    fn request_in_a_region_added_during_a_pass() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let new_at = 0x200_0000u64;
+            let region = vm_memory::GuestRegionMmap::new(
+                vm_memory::MmapRegion::new(1 << 20).unwrap(),
+                GuestAddress(new_at),
+            )
+            .unwrap();
+            let grown = Arc::new(e.mem.insert_region(Arc::new(region)).unwrap());
+            for with_source in [false, true] {
+                let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+                let mut q: Queue = vq.create_queue().unwrap();
+                let mut w = worker(&e, kind);
+                if with_source {
+                    let g = grown.clone();
+                    w.set_memory_source(Box::new(move || Some(g.clone())));
+                }
+                header(&e.mem, HDR, VIRTIO_BLK_T_OUT, 8);
+                grown
+                    .write_slice(&[0x5a; 4096], GuestAddress(new_at))
+                    .unwrap();
+                add_chain(
+                    &vq,
+                    0,
+                    &[(HDR, 16, false), (new_at, 4096, false), (STATUS, 1, true)],
+                );
+                let used = run(&mut w, &mut q, &e.mem);
+                assert_eq!(used.len(), 1);
+                let mut back = vec![0u8; 4096];
+                std::fs::File::open(&e.path)
+                    .unwrap()
+                    .read_exact_at(&mut back, 8 * 512)
+                    .unwrap();
+                if with_source {
+                    assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK, "{kind:?}");
+                    assert!(
+                        back.iter().all(|&b| b == 0x5a),
+                        "{kind:?}: data not written"
+                    );
+                } else {
+                    assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_IOERR, "{kind:?}");
+                    assert!(back.iter().all(|&b| b == 0), "{kind:?}: wrote anyway");
+                }
+            }
+        });
     }
 
     #[test]

@@ -459,6 +459,28 @@ fn drop_capabilities_bounding_only() -> Result<(), JailError> {
     Ok(())
 }
 
+/// Changing the effective uid/gid clears PR_SET_PDEATHSIG, so set it again: a worker must
+/// never outlive its supervisor (it would keep serving a socket nobody manages, and its rings).
+/// If the supervisor died in between, the report pipe has no reader left: exit.
+fn rearm_parent_death_signal() {
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0) };
+    let fd = seccomp::report_fd();
+    if fd >= 0 {
+        let mut p = libc::pollfd {
+            fd,
+            events: libc::POLLOUT,
+            revents: 0,
+        };
+        // SAFETY: poll on one initialised pollfd with a zero timeout.
+        let n = unsafe { libc::poll(&mut p, 1, 0) };
+        if n > 0 && p.revents & libc::POLLERR != 0 {
+            // SAFETY: ends this process; nothing to clean up.
+            unsafe { libc::_exit(1) };
+        }
+    }
+}
+
 fn clear_env() {
     // SAFETY: called while the worker is single-threaded; clearenv only frees libc's copy.
     unsafe { libc::clearenv() };
@@ -490,6 +512,7 @@ pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<
         }
         SandboxMode::None => unreachable!(),
     }
+    rearm_parent_death_signal();
     clear_env();
     set_rlimit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
     // RLIMIT_NPROC counts every task of the uid in its user namespace: in namespace mode that is

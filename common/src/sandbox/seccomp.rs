@@ -128,6 +128,11 @@ pub fn transport_rules(own_pid: u32) -> Rules {
 static REPORT_FD: AtomicI32 = AtomicI32::new(-1);
 
 /// Sets the fd (a pipe to the supervisor) that trap mode reports blocked syscalls on.
+/// The report fd set with `set_report_fd`, or -1.
+pub fn report_fd() -> i32 {
+    REPORT_FD.load(Ordering::Relaxed)
+}
+
 pub fn set_report_fd(fd: i32) {
     REPORT_FD.store(fd, Ordering::Relaxed);
 }

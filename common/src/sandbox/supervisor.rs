@@ -77,6 +77,26 @@ fn write_id_maps(pid: i32, ids: Ids) -> io::Result<()> {
     w("uid_map", format!("{0} {0} 1\n", ids.uid))
 }
 
+/// io_uring charges ring memory to the creating user's locked memory, checked against
+/// RLIMIT_MEMLOCK summed over every process of that user. Workers create their rings before
+/// switching ids, so all backends of one host share the supervisors' user's allowance (8 MiB
+/// by default, a few hundred rings). The supervisor raises its soft limit to the hard limit,
+/// which the workers inherit for ring setup (each sets it to 0 in its jail afterwards);
+/// operators with many backends raise the hard limit (systemd: LimitMEMLOCK=).
+fn lift_memlock_for_rings() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a valid struct we own.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_MEMLOCK, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_MEMLOCK, &lim);
+        }
+    }
+}
+
 /// Appends what a worker wrote to the report pipe, keeping only the last few lines: the pipe
 /// comes from a process that may be compromised, so it must not grow the supervisor's memory.
 fn push_report(reports: &mut String, bytes: &[u8]) {
@@ -161,6 +181,7 @@ pub fn supervise(
     rules: &Rules,
     mut worker: impl FnMut(WorkerCtx) -> i32,
 ) -> i32 {
+    lift_memlock_for_rings();
     match run(name, jail, rules, &mut worker) {
         Ok(code) => code,
         Err(e) => {
