@@ -118,41 +118,36 @@ impl QueueWorker {
     /// entries were added (the caller then decides whether to notify the guest).
     pub fn process_queue(&mut self, queue: &mut Queue, mem: &Arc<GuestMem>) -> io::Result<bool> {
         let mut used = false;
-        loop {
-            queue
-                .disable_notification(&**mem)
-                .map_err(io::Error::other)?;
-            while !self.free.is_empty() {
-                let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
-                    break;
-                };
-                let head = chain.head_index();
-                self.descs.clear();
-                for d in chain {
-                    self.descs.push(Desc {
-                        addr: d.addr().0,
-                        len: d.len(),
-                        write: d.is_write_only(),
-                    });
-                }
-                used |= self.start(head, queue, mem)?;
-            }
-            if let Some(e) = self.engine.as_mut() {
-                e.kick()?;
-            }
-            if self.free.is_empty() {
-                // Out of room: completions will call back in here. Leave notifications off.
+        queue
+            .disable_notification(&**mem)
+            .map_err(io::Error::other)?;
+        while !self.free.is_empty() {
+            let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
                 break;
+            };
+            let head = chain.head_index();
+            self.descs.clear();
+            for d in chain {
+                self.descs.push(Desc {
+                    addr: d.addr().0,
+                    len: d.len(),
+                    write: d.is_write_only(),
+                });
             }
-            if queue
+            used |= self.start(head, queue, mem)?;
+        }
+        if let Some(e) = self.engine.as_mut() {
+            e.kick()?;
+        }
+        // Out of room: completions will call back in here; leave notifications off. Otherwise
+        // re-enable them; if more arrived meanwhile, the caller runs another pass with a fresh
+        // view of guest memory (the frontend may have added a region since `mem` was taken).
+        if !self.free.is_empty()
+            && queue
                 .enable_notification(&**mem)
                 .map_err(io::Error::other)?
-            {
-                // More arrived meanwhile. The caller runs another pass with a fresh view of
-                // guest memory: the frontend may have added a region since `mem` was taken.
-                self.more = true;
-            }
-            break;
+        {
+            self.more = true;
         }
         Ok(used)
     }
