@@ -467,3 +467,38 @@ fn worker_dies_with_its_supervisor() {
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// The supervisor itself, started as root, keeps only the capabilities its job needs (KILL,
+/// SETGID, SETUID, SETPCAP, SYS_CHROOT; SYS_ADMIN only where the kernel reserves user
+/// namespaces to it), with no_new_privs.
+#[test]
+fn supervisor_keeps_only_what_it_needs() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path());
+    let sock = dir.path().join("blk.sock");
+    let be = Backend::start(BLK, &sock, &args(&sock, &img, &[]));
+    be.worker_pid();
+    let st = status(be.pid());
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 {
+        return; // an unprivileged supervisor has nothing to drop
+    }
+    let allowed: u64 = [5u32, 6, 7, 8, 18, 21].iter().fold(0, |m, &c| m | 1 << c);
+    for set in ["CapEff", "CapPrm", "CapBnd"] {
+        let v = u64::from_str_radix(&st[set], 16).unwrap();
+        assert_eq!(
+            v & !allowed,
+            0,
+            "supervisor {set} {v:#x} holds more than it needs"
+        );
+        assert_ne!(
+            v & (1 << 7),
+            0,
+            "supervisor lost CAP_SETUID (needed for uid maps)"
+        );
+    }
+    assert_eq!(st["CapInh"], "0000000000000000");
+    assert_eq!(st["CapAmb"], "0000000000000000");
+    assert_eq!(st["NoNewPrivs"], "1");
+    verified_io(&sock, &img, 4);
+}

@@ -246,31 +246,108 @@ fn drop_capabilities() -> Result<(), JailError> {
             0,
         )
     } as libc::c_long)?;
-    #[repr(C)]
-    struct Header {
-        version: u32,
-        pid: i32,
-    }
-    #[repr(C)]
-    #[derive(Clone, Copy)]
-    struct Data {
-        effective: u32,
-        permitted: u32,
-        inheritable: u32,
-    }
-    let hdr = Header {
-        version: 0x2008_0522, // _LINUX_CAPABILITY_VERSION_3
+    capset(0)
+}
+
+#[repr(C)]
+struct CapHeader {
+    version: u32,
+    pid: i32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Default)]
+struct CapData {
+    effective: u32,
+    permitted: u32,
+    inheritable: u32,
+}
+
+const CAP_V3: u32 = 0x2008_0522; // _LINUX_CAPABILITY_VERSION_3
+
+/// Sets effective = permitted = `keep` (as far as currently permitted), inheritable = none.
+fn capset(keep: u64) -> Result<(), JailError> {
+    let hdr = CapHeader {
+        version: CAP_V3,
         pid: 0,
     };
-    let data = [Data {
-        effective: 0,
-        permitted: 0,
-        inheritable: 0,
-    }; 2];
+    let mut cur = [CapData::default(); 2];
+    // SAFETY: capget writes a v3 header's two data structs into `cur`.
+    step("capget", unsafe {
+        libc::syscall(libc::SYS_capget, &hdr as *const CapHeader, cur.as_mut_ptr())
+    })?;
+    let mut data = [CapData::default(); 2];
+    for (i, d) in data.iter_mut().enumerate() {
+        let k = (keep >> (32 * i)) as u32 & cur[i].permitted;
+        d.effective = k;
+        d.permitted = k;
+    }
     // SAFETY: capset reads a v3 header and two data structs, which we pass.
     step("capset", unsafe {
-        libc::syscall(libc::SYS_capset, &hdr as *const Header, data.as_ptr())
+        libc::syscall(libc::SYS_capset, &hdr as *const CapHeader, data.as_ptr())
     })
+}
+
+/// Capabilities the supervisor keeps: signalling its workers, which run as another uid
+/// (KILL); writing their uid/gid maps (SETUID, SETGID); and what a chroot-mode worker, which
+/// has no user namespace of its own, needs before it drops everything (SYS_CHROOT, SETPCAP,
+/// SETUID, SETGID).
+const SUPERVISOR_CAPS: &[u32] = &[5, 6, 7, 8, 18]; // KILL SETGID SETUID SETPCAP SYS_CHROOT
+
+/// Narrows a privileged supervisor to what its job needs, after it opened the listener, the
+/// image and /dev/kmsg: every other capability leaves the bounding, permitted and effective
+/// sets (CAP_SYS_ADMIN stays only where the kernel restricts user namespaces to it),
+/// no_new_privs is set and the process is made non-dumpable. Does nothing when unprivileged.
+pub fn restrict_supervisor(mode: SandboxMode) -> Result<(), JailError> {
+    // SAFETY: geteuid has no arguments.
+    if unsafe { libc::geteuid() } != 0 || mode == SandboxMode::None {
+        return Ok(());
+    }
+    let mut keep: u64 = SUPERVISOR_CAPS.iter().fold(0, |m, &c| m | 1 << c);
+    if mode == SandboxMode::Namespace && userns_needs_cap_sys_admin() {
+        keep |= 1 << 21; // CAP_SYS_ADMIN
+    }
+    for cap in 0..64u32 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments.
+        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } != 1 {
+            continue;
+        }
+        // SAFETY: prctl with integer arguments.
+        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
+        step("dropping the supervisor's bounding set", r as libc::c_long)?;
+    }
+    // SAFETY: prctl with integer arguments.
+    step("clearing ambient capabilities", unsafe {
+        libc::prctl(
+            libc::PR_CAP_AMBIENT,
+            libc::PR_CAP_AMBIENT_CLEAR_ALL,
+            0,
+            0,
+            0,
+        )
+    } as libc::c_long)?;
+    capset(keep)?;
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
+    step("no_new_privs", r as libc::c_long)?;
+    // SAFETY: prctl with integer arguments.
+    let r = unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
+    step("dumpable", r as libc::c_long)
+}
+
+/// Whether this kernel lets only CAP_SYS_ADMIN create user namespaces (Debian's
+/// kernel.unprivileged_userns_clone=0, Ubuntu's AppArmor restriction).
+fn userns_needs_cap_sys_admin() -> bool {
+    let read = |p: &str| {
+        std::fs::read_to_string(p)
+            .map(|s| s.trim().to_string())
+            .ok()
+    };
+    read("/proc/sys/kernel/unprivileged_userns_clone").as_deref() == Some("0")
+        || read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns").as_deref() == Some("1")
 }
 
 fn landlock() -> Result<(), JailError> {

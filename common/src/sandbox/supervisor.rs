@@ -217,6 +217,8 @@ fn run(
     } else {
         Kmsg(None)
     };
+    super::restrict_supervisor(jail.mode)
+        .map_err(|e| io::Error::other(format!("restricting the supervisor: {e}")))?;
     let mut reports = String::new();
     let mut backoff = Duration::from_millis(50);
     let mut child: Option<Child> = None;
