@@ -551,7 +551,7 @@ fn rearm_parent_death_signal() {
         };
         // SAFETY: poll on one initialised pollfd with a zero timeout.
         let n = unsafe { libc::poll(&mut p, 1, 0) };
-        if n > 0 && p.revents & libc::POLLERR != 0 {
+        if n > 0 && p.revents & (libc::POLLERR | libc::POLLHUP) != 0 {
             // SAFETY: ends this process; nothing to clean up.
             unsafe { libc::_exit(1) };
         }

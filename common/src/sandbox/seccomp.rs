@@ -237,7 +237,91 @@ pub fn install(mode: SeccompMode, rules: Rules) -> Result<(), JailError> {
         BpfProgram::try_from(f).map_err(|e| JailError::Seccomp(e.to_string()))?
     };
     seccompiler::apply_filter(&clone3).map_err(|e| JailError::Seccomp(e.to_string()))?;
-    seccompiler::apply_filter(&main).map_err(|e| JailError::Seccomp(e.to_string()))
+    if mode == SeccompMode::Kill {
+        install_notifying(main)
+    } else {
+        seccompiler::apply_filter(&main).map_err(|e| JailError::Seccomp(e.to_string()))
+    }
+}
+
+/// Kill mode. The filter answers a forbidden syscall with SECCOMP_RET_USER_NOTIF instead of
+/// killing outright, and its listener fd goes to the supervisor over the report socket: the
+/// calling thread stays blocked in the kernel (the syscall never runs) until the supervisor,
+/// having read the syscall number from the notification, kills the worker with SIGKILL. So
+/// every kill is reported with its syscall, with no dependence on the kernel's rate-limited
+/// audit log. The worker keeps no copy of the listener (it could otherwise answer its own
+/// notifications and let the syscall run), and if the listener cannot be handed over the
+/// worker does not start: without a listener the kernel would answer ENOSYS, not kill.
+fn install_notifying(mut prog: BpfProgram) -> Result<(), JailError> {
+    const RET_K: u16 = (libc::BPF_RET | libc::BPF_K) as u16;
+    for ins in prog.iter_mut() {
+        if ins.code == RET_K && ins.k == libc::SECCOMP_RET_KILL_PROCESS {
+            ins.k = libc::SECCOMP_RET_USER_NOTIF;
+        }
+    }
+    let report = REPORT_FD.load(Ordering::Relaxed);
+    if report < 0 {
+        return Err(JailError::Seccomp(
+            "no supervisor to hand the seccomp listener to".into(),
+        ));
+    }
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr().cast(),
+    };
+    // SAFETY: seccomp(SET_MODE_FILTER) reads the program through `fprog`, which points into
+    // `prog`, alive for the call; no_new_privs is already set.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if fd < 0 {
+        return Err(JailError::Seccomp(format!(
+            "installing the filter: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let fd = fd as i32;
+    let sent = send_fd(report, fd);
+    // SAFETY: closes the listener fd we own; the supervisor has its own copy now.
+    unsafe { libc::close(fd) };
+    sent.map_err(|e| JailError::Seccomp(format!("handing the listener to the supervisor: {e}")))
+}
+
+/// Sends `fd` over the unix socket `sock` (one byte of payload, SCM_RIGHTS).
+fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
+    let mut byte = *b"L";
+    let mut iov = libc::iovec {
+        iov_base: byte.as_mut_ptr().cast(),
+        iov_len: 1,
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: msg has a control buffer of CMSG_SPACE(4) bytes, so the first header and its
+    // data fit; the fd is copied into the data.
+    unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(std::mem::size_of::<i32>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<i32>(), fd);
+    }
+    // SAFETY: sendmsg with the message built above.
+    if unsafe { libc::sendmsg(sock, &msg, 0) } != 1 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// A syscall's name, for reports (the allow-list's names plus the ones attackers try).

@@ -9,7 +9,7 @@
 //! their namespaces, which is only sound from a single-threaded parent.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use log::{error, info, warn};
 
 use super::seccomp::{self, Rules};
-use super::{Ids, JailConfig, SandboxMode, SeccompMode};
+use super::{Ids, JailConfig, SandboxMode};
 
 /// Exit code of a worker that could not enter its jail: the supervisor gives up.
 pub const EXIT_JAIL_FAILED: i32 = 3;
@@ -97,6 +97,71 @@ fn lift_memlock_for_rings() {
     }
 }
 
+fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+    let mut fds = [0; 2];
+    // SAFETY: socketpair writes two fds into the array.
+    let r = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_SEQPACKET | libc::SOCK_CLOEXEC,
+            0,
+            fds.as_mut_ptr(),
+        )
+    };
+    cvt(r as libc::c_long, "socketpair")?;
+    // SAFETY: fresh fds owned by nobody else.
+    Ok(unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// Reads one message from the report socket into `reports`; returns the fd it carried (a
+/// kill-mode worker's seccomp listener), if any.
+fn recv_report(sock: RawFd, reports: &mut String) -> Option<OwnedFd> {
+    let mut b = [0u8; 512];
+    let mut iov = libc::iovec {
+        iov_base: b.as_mut_ptr().cast(),
+        iov_len: b.len(),
+    };
+    // SAFETY: CMSG_SPACE is a pure computation.
+    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = space;
+    // SAFETY: recvmsg into the buffers above; MSG_CMSG_CLOEXEC marks received fds close-on-exec.
+    let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
+    if n <= 0 {
+        return None;
+    }
+    let mut fd = None;
+    // SAFETY: walks the control messages recvmsg filled in, within msg_controllen.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
+                let raw = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>());
+                fd = Some(OwnedFd::from_raw_fd(raw));
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    if fd.is_none() {
+        push_report(reports, &b[..n as usize]);
+    }
+    fd
+}
+
+/// Takes one notification from a seccomp listener: the blocked syscall's number.
+fn recv_notification(listener: RawFd) -> Option<i64> {
+    // SAFETY: the kernel requires a zeroed struct; ioctl fills it in.
+    let mut n: libc::seccomp_notif = unsafe { std::mem::zeroed() };
+    // SAFETY: SECCOMP_IOCTL_NOTIF_RECV writes one seccomp_notif into `n`.
+    let r = unsafe { libc::ioctl(listener, libc::SECCOMP_IOCTL_NOTIF_RECV, &mut n) };
+    (r == 0).then_some(i64::from(n.data.nr))
+}
+
 /// Appends what a worker wrote to the report pipe, keeping only the last few lines: the pipe
 /// comes from a process that may be compromised, so it must not grow the supervisor's memory.
 fn push_report(reports: &mut String, bytes: &[u8]) {
@@ -108,62 +173,6 @@ fn push_report(reports: &mut String, bytes: &[u8]) {
             cut += 1;
         }
         reports.drain(..cut);
-    }
-}
-
-struct Kmsg(Option<fs::File>);
-
-impl Kmsg {
-    /// /dev/kmsg, positioned at its end, if readable (root): the kernel's audit line for a
-    /// seccomp kill names the syscall.
-    fn open() -> Self {
-        use std::os::unix::fs::OpenOptionsExt;
-        let f = fs::OpenOptions::new()
-            .read(true)
-            .custom_flags(libc::O_NONBLOCK | libc::O_CLOEXEC)
-            .open("/dev/kmsg")
-            .ok();
-        if let Some(f) = &f {
-            // SAFETY: lseek on our fd.
-            unsafe { libc::lseek(f.as_raw_fd(), 0, libc::SEEK_END) };
-        }
-        Kmsg(f)
-    }
-
-    /// The syscall number the kernel logged for a seccomp kill of `pid`, waiting up to a
-    /// second for the line: the audit record may trail the child's exit.
-    fn seccomp_syscall(&mut self, pid: i32) -> Option<i64> {
-        self.0.as_ref()?;
-        let deadline = Instant::now() + Duration::from_secs(1);
-        loop {
-            if let Some(nr) = self.scan(pid) {
-                return Some(nr);
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    fn scan(&mut self, pid: i32) -> Option<i64> {
-        let f = self.0.as_mut()?;
-        let mut found = None;
-        let mut buf = vec![0u8; 8192];
-        let needle = format!(" pid={pid} ");
-        while let Ok(n) = f.read(&mut buf) {
-            if n == 0 {
-                break;
-            }
-            let rec = String::from_utf8_lossy(&buf[..n]);
-            if rec.contains("type=1326") && rec.contains(&needle) {
-                found = rec
-                    .split_whitespace()
-                    .find_map(|w| w.strip_prefix("syscall="))
-                    .and_then(|v| v.parse().ok());
-            }
-        }
-        found
     }
 }
 
@@ -209,14 +218,11 @@ fn run(
     )?;
     // SAFETY: a fresh fd.
     let sfd = unsafe { OwnedFd::from_raw_fd(sfd as RawFd) };
-    let (report_r, report_w) = pipe()?;
+    // The report channel: a socket so that a kill-mode worker can hand over its seccomp
+    // listener; trap mode writes its "SECCOMP NR" line on it.
+    let (report_r, report_w) = seqpacket_pair()?;
     // SAFETY: fcntl on our fd.
     unsafe { libc::fcntl(report_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    let mut kmsg = if jail.seccomp == SeccompMode::Kill {
-        Kmsg::open()
-    } else {
-        Kmsg(None)
-    };
     super::restrict_supervisor(jail.mode)
         .map_err(|e| io::Error::other(format!("restricting the supervisor: {e}")))?;
     let mut reports = String::new();
@@ -225,6 +231,9 @@ fn run(
     let mut stopping = false;
     let mut stop_deadline = None;
     let mut generation = 0;
+    // Kill mode: the current worker's seccomp listener, and the syscall it reported.
+    let mut notif: Option<OwnedFd> = None;
+    let mut notified: Option<i64> = None;
     loop {
         if child.is_none() {
             if stopping {
@@ -254,20 +263,34 @@ fn run(
                 events: libc::POLLIN,
                 revents: 0,
             },
+            libc::pollfd {
+                fd: notif.as_ref().map_or(-1, |l| l.as_raw_fd()),
+                events: libc::POLLIN,
+                revents: 0,
+            },
         ];
         let timeout = if stopping { 200 } else { -1 };
-        // SAFETY: fds is a valid array of two pollfds.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 2, timeout) };
+        // SAFETY: fds is a valid array of three pollfds (poll skips the negative fd).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
         if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
             return Err(io::Error::last_os_error());
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            let mut b = [0u8; 512];
-            // SAFETY: read into a local buffer.
-            let n = unsafe { libc::read(report_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
-            if n > 0 {
-                push_report(&mut reports, &b[..n as usize]);
+            if let Some(l) = recv_report(report_r.as_raw_fd(), &mut reports) {
+                notif = Some(l);
             }
+        }
+        if fds[2].revents & libc::POLLIN != 0 {
+            if let (Some(l), Some(c)) = (&notif, &child) {
+                if let Some(nr) = recv_notification(l.as_raw_fd()) {
+                    // The offending thread is blocked in the kernel; end the whole worker.
+                    notified = Some(nr);
+                    // SAFETY: kill() on our own child.
+                    unsafe { libc::kill(c.pid, libc::SIGKILL) };
+                }
+            }
+        } else if fds[2].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            notif = None;
         }
         // Drain the signalfd.
         loop {
@@ -313,7 +336,13 @@ fn run(
         let pid = c.pid;
         let lived = c.started.elapsed();
         child = None;
-        if libc::WIFEXITED(status) {
+        notif = None;
+        if let Some(nr) = notified.take() {
+            error!(
+                "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
+                seccomp::syscall_name(nr, rules)
+            );
+        } else if libc::WIFEXITED(status) {
             let code = libc::WEXITSTATUS(status);
             match code {
                 0 => {
@@ -331,27 +360,21 @@ fn run(
             let sig = libc::WTERMSIG(status);
             if sig == libc::SIGSYS {
                 // Let the report pipe catch up: the handler writes before dying.
-                let mut b = [0u8; 512];
-                // SAFETY: read into a local buffer.
-                let n = unsafe { libc::read(report_r.as_raw_fd(), b.as_mut_ptr().cast(), b.len()) };
-                if n > 0 {
-                    push_report(&mut reports, &b[..n as usize]);
-                }
+                let _ = recv_report(report_r.as_raw_fd(), &mut reports);
                 let from_report = reports
                     .lines()
                     .rev()
                     .find_map(|l| l.strip_prefix("SECCOMP "))
                     .and_then(|v| v.trim().parse::<i64>().ok());
-                let nr = from_report.or_else(|| kmsg.seccomp_syscall(pid));
+                let nr = from_report;
                 match nr {
                     Some(nr) => error!(
-                        "worker {pid} killed by seccomp (SIGSYS): syscall {nr} ({}) is not allowed",
+                        "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
                         seccomp::syscall_name(nr, rules)
                     ),
                     None => error!(
-                        "worker {pid} killed by seccomp (SIGSYS): syscall unknown (the kernel's \
-                         audit line was rate-limited or /dev/kmsg is not readable); \
-                         --seccomp trap names it"
+                        "worker {pid} killed by SIGSYS without a report (it did not come \
+                         from the seccomp filter's trap handler)"
                     ),
                 }
                 reports.clear();
