@@ -292,6 +292,29 @@ fn install_notifying(mut prog: BpfProgram) -> Result<(), JailError> {
     sent.map_err(|e| JailError::Seccomp(format!("handing the listener to the supervisor: {e}")))
 }
 
+/// Control-message room for one fd, and a msghdr over it: for passing the seccomp listener
+/// from the worker to the supervisor.
+pub(crate) struct FdMsgBuf(Vec<u8>);
+
+impl FdMsgBuf {
+    pub(crate) fn new() -> Self {
+        // SAFETY: CMSG_SPACE is a pure computation.
+        let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
+        FdMsgBuf(vec![0u8; space])
+    }
+
+    /// A msghdr with one iovec and this control buffer; both must outlive its use.
+    pub(crate) fn msghdr(&mut self, iov: &mut libc::iovec) -> libc::msghdr {
+        // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = self.0.as_mut_ptr().cast();
+        msg.msg_controllen = self.0.len();
+        msg
+    }
+}
+
 /// Sends `fd` over the unix socket `sock` (one byte of payload, SCM_RIGHTS).
 fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
     let mut byte = *b"L";
@@ -299,15 +322,8 @@ fn send_fd(sock: i32, fd: i32) -> std::io::Result<()> {
         iov_base: byte.as_mut_ptr().cast(),
         iov_len: 1,
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let mut cbuf = FdMsgBuf::new();
+    let msg = cbuf.msghdr(&mut iov);
     // SAFETY: msg has a control buffer of CMSG_SPACE(4) bytes, so the first header and its
     // data fit; the fd is copied into the data.
     unsafe {

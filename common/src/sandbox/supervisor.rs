@@ -121,15 +121,8 @@ fn recv_report(sock: RawFd, reports: &mut String) -> Option<OwnedFd> {
         iov_base: b.as_mut_ptr().cast(),
         iov_len: b.len(),
     };
-    // SAFETY: CMSG_SPACE is a pure computation.
-    let space = unsafe { libc::CMSG_SPACE(std::mem::size_of::<i32>() as u32) } as usize;
-    let mut cbuf = vec![0u8; space];
-    // SAFETY: a zeroed msghdr is valid; its pointers are set to live buffers below.
-    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
-    msg.msg_iov = &mut iov;
-    msg.msg_iovlen = 1;
-    msg.msg_control = cbuf.as_mut_ptr().cast();
-    msg.msg_controllen = space;
+    let mut cbuf = seccomp::FdMsgBuf::new();
+    let mut msg = cbuf.msghdr(&mut iov);
     // SAFETY: recvmsg into the buffers above; MSG_CMSG_CLOEXEC marks received fds close-on-exec.
     let n = unsafe { libc::recvmsg(sock, &mut msg, libc::MSG_DONTWAIT | libc::MSG_CMSG_CLOEXEC) };
     if n <= 0 {
