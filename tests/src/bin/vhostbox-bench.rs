@@ -1,0 +1,527 @@
+//! vhostbox-bench: vhost-user-blk backends side by side, with no VM. Each run starts a
+//! contender fresh, drives it with libblkio (the `blkio` crate) for a fixed time, and records
+//! IOPS, MiB/s, latency (mean, p50, p99) and the backend's CPU time per I/O (utime + stime of
+//! its whole process tree, from /proc). Contenders alternate (A B C A B C ...) over several
+//! rounds so machine drift hits all of them; the report gives medians and ratios against the
+//! first contender that is not vhostbox (qemu-storage-daemon).
+//!
+//!   vhostbox-bench [--rounds N] [--secs S] [--only SUBSTR] [--out DIR]
+//!
+//! Writes DIR/results.md (tables), DIR/results.csv (every run) and DIR/iops.svg (a plot).
+//! scripts/bench.sh builds release binaries and runs it. Not a test: no thresholds.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Dev {
+    Null,
+    File,
+}
+
+struct Workload {
+    name: &'static str,
+    write: bool,
+    random: bool,
+    bs: usize,
+    qd: usize,
+    queues: usize,
+}
+
+const WORKLOADS: &[Workload] = &[
+    Workload {
+        name: "4k randread QD1",
+        write: false,
+        random: true,
+        bs: 4096,
+        qd: 1,
+        queues: 1,
+    },
+    Workload {
+        name: "4k randread QD32",
+        write: false,
+        random: true,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+    },
+    Workload {
+        name: "4k randread QD32x2q",
+        write: false,
+        random: true,
+        bs: 4096,
+        qd: 32,
+        queues: 2,
+    },
+    Workload {
+        name: "4k randwrite QD32",
+        write: true,
+        random: true,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+    },
+    Workload {
+        name: "128k seqread QD8",
+        write: false,
+        random: false,
+        bs: 128 << 10,
+        qd: 8,
+        queues: 1,
+    },
+];
+
+const IMAGE_SIZE: u64 = 1 << 30;
+
+#[derive(Clone)]
+struct Contender {
+    name: &'static str,
+    vhostbox: bool,
+}
+
+const CONTENDERS: &[Contender] = &[
+    Contender {
+        name: "vhostbox io-uring",
+        vhostbox: true,
+    },
+    Contender {
+        name: "vhostbox sync",
+        vhostbox: true,
+    },
+    Contender {
+        name: "qemu-storage-daemon",
+        vhostbox: false,
+    },
+];
+
+struct Sample {
+    iops: f64,
+    mibs: f64,
+    lat_mean_us: f64,
+    lat_p50_us: f64,
+    lat_p99_us: f64,
+    cpu_us_per_io: f64,
+}
+
+fn bin_dir() -> PathBuf {
+    if let Ok(d) = std::env::var("VHOSTBOX_BIN_DIR") {
+        return d.into();
+    }
+    std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_owned()
+}
+
+fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Result<Child, String> {
+    let _ = fs::remove_file(sock);
+    let q = queues.to_string();
+    let mut cmd;
+    if c.vhostbox {
+        cmd = Command::new(bin_dir().join("vhostbox-blk"));
+        cmd.arg("--socket-path")
+            .arg(sock)
+            .args(["--num-queues", &q]);
+        cmd.args([
+            "--engine",
+            if c.name.ends_with("sync") {
+                "sync"
+            } else {
+                "io-uring"
+            },
+        ]);
+        match dev {
+            Dev::Null => cmd.args(["--null", "1G"]),
+            Dev::File => cmd.arg("--image").arg(img),
+        };
+    } else {
+        cmd = Command::new("qemu-storage-daemon");
+        match dev {
+            Dev::Null => cmd.args([
+                "--blockdev",
+                "driver=null-co,node-name=disk,size=1073741824,read-zeroes=off",
+            ]),
+            Dev::File => cmd.arg("--blockdev").arg(format!(
+                "driver=file,node-name=disk,filename={},aio=io_uring,cache.direct=off",
+                img.display()
+            )),
+        };
+        cmd.arg("--export").arg(format!(
+            "type=vhost-user-blk,id=exp,node-name=disk,addr.type=unix,addr.path={},writable=on,num-queues={q}",
+            sock.display()
+        ));
+    }
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .map_err(|e| format!("cannot start {}: {e}", c.name))?;
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::os::unix::net::UnixStream::connect(sock).is_err() {
+        if let Ok(Some(st)) = child.try_wait() {
+            return Err(format!("{} exited at start: {st}", c.name));
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            return Err(format!("{} never listened", c.name));
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    Ok(child)
+}
+
+/// utime + stime (seconds) of `pid` and all its descendants.
+fn tree_cpu(pid: u32) -> f64 {
+    let tick = 100.0; // USER_HZ on Linux
+    let mut total = 0.0;
+    let mut stack = vec![pid];
+    while let Some(p) = stack.pop() {
+        if let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) {
+            if let Some(rest) = stat.rsplit_once(") ").map(|x| x.1) {
+                let f: Vec<&str> = rest.split_whitespace().collect();
+                let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
+                total += (ut + st) / tick;
+            }
+        }
+        if let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) {
+            for t in tasks.flatten() {
+                let kids = fs::read_to_string(t.path().join("children")).unwrap_or_default();
+                stack.extend(
+                    kids.split_whitespace()
+                        .filter_map(|k| k.parse::<u32>().ok()),
+                );
+            }
+        }
+    }
+    total
+}
+
+/// One queue's share of a run: (I/Os, latencies in ns).
+fn drive(
+    mut q: Blkioq,
+    base: *mut u8,
+    w: &Workload,
+    qi: usize,
+    until: Instant,
+    warm: Instant,
+) -> (u64, Vec<u32>) {
+    let blocks = IMAGE_SIZE / w.bs as u64;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64 ^ (qi as u64 + 1);
+    let mut seq = (qi as u64) * (blocks / 2);
+    let mut next_off = || {
+        if w.random {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            (rng % blocks) * w.bs as u64
+        } else {
+            seq = (seq + 1) % blocks;
+            seq * w.bs as u64
+        }
+    };
+    let mut started = vec![Instant::now(); w.qd];
+    let submit = |q: &mut Blkioq, slot: usize, off: u64| {
+        // SAFETY: each slot owns bs bytes of the mapped region at base + slot * bs.
+        let buf = unsafe { base.add(slot * w.bs) };
+        if w.write {
+            q.write(off, buf, w.bs, slot, ReqFlags::empty());
+        } else {
+            q.read(off, buf, w.bs, slot, ReqFlags::empty());
+        }
+    };
+    for (slot, s) in started.iter_mut().enumerate() {
+        *s = Instant::now();
+        submit(&mut q, slot, next_off());
+    }
+    let mut comps: Vec<std::mem::MaybeUninit<Completion>> =
+        (0..w.qd).map(|_| std::mem::MaybeUninit::uninit()).collect();
+    let mut ios = 0u64;
+    let mut lats = Vec::with_capacity(1 << 20);
+    let mut inflight = w.qd;
+    while inflight > 0 {
+        let n = q.do_io(&mut comps, 1, None, None).expect("do_io");
+        let now = Instant::now();
+        for c in &comps[..n] {
+            // SAFETY: do_io initialised the first n completions.
+            let c = unsafe { c.assume_init_read() };
+            assert_eq!(c.ret, 0, "I/O failed: {}", c.ret);
+            let slot = c.user_data;
+            if now >= warm {
+                ios += 1;
+                lats.push(
+                    now.duration_since(started[slot])
+                        .as_nanos()
+                        .min(u32::MAX as u128) as u32,
+                );
+            }
+            if now < until {
+                started[slot] = now;
+                submit(&mut q, slot, next_off());
+            } else {
+                inflight -= 1;
+            }
+        }
+    }
+    (ios, lats)
+}
+
+fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Result<Sample, String> {
+    let sock = dir.join("bench.sock");
+    let img = dir.join("bench.img");
+    let mut child = start(c, dev, w.queues, &sock, &img)?;
+    let result = (|| {
+        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
+        b.set_str("path", sock.to_str().unwrap())
+            .map_err(|e| e.to_string())?;
+        b.connect().map_err(|e| format!("connect: {e}"))?;
+        b.set_i32("num-queues", w.queues as i32)
+            .map_err(|e| e.to_string())?;
+        let out = b.start().map_err(|e| format!("start: {e}"))?;
+        let len = w.queues * w.qd * w.bs;
+        let region = b.alloc_mem_region(len).map_err(|e| e.to_string())?;
+        b.map_mem_region(&region).map_err(|e| e.to_string())?;
+        let base = region.addr;
+        let t0 = Instant::now();
+        let warm = t0 + Duration::from_millis(500);
+        let until = warm + Duration::from_secs_f64(secs);
+        let cpu0 = tree_cpu(child.id());
+        let mut cpu_warm = None;
+        let results: Vec<(u64, Vec<u32>)> = std::thread::scope(|s| {
+            let hs: Vec<_> = out
+                .queues
+                .into_iter()
+                .enumerate()
+                .map(|(i, q)| {
+                    let qbase = base + i * w.qd * w.bs;
+                    s.spawn(move || drive(q, qbase as *mut u8, w, i, until, warm))
+                })
+                .collect();
+            std::thread::sleep(warm.saturating_duration_since(Instant::now()));
+            cpu_warm = Some(tree_cpu(child.id()));
+            hs.into_iter()
+                .map(|h| h.join().expect("queue thread"))
+                .collect()
+        });
+        let cpu1 = tree_cpu(child.id());
+        let elapsed = Instant::now().duration_since(warm).as_secs_f64();
+        let ios: u64 = results.iter().map(|r| r.0).sum();
+        let mut lats: Vec<u32> = results.into_iter().flat_map(|r| r.1).collect();
+        lats.sort_unstable();
+        let pct = |p: f64| {
+            lats.get(((lats.len() as f64 * p) as usize).min(lats.len().saturating_sub(1)))
+                .copied()
+                .unwrap_or(0) as f64
+                / 1000.0
+        };
+        let mean = lats.iter().map(|&l| l as f64).sum::<f64>() / lats.len().max(1) as f64 / 1000.0;
+        let _ = cpu0;
+        let cpu = cpu1 - cpu_warm.unwrap_or(cpu0);
+        b.unmap_mem_region(&region);
+        b.free_mem_region(&region);
+        Ok(Sample {
+            iops: ios as f64 / elapsed,
+            mibs: ios as f64 * w.bs as f64 / elapsed / (1 << 20) as f64,
+            lat_mean_us: mean,
+            lat_p50_us: pct(0.5),
+            lat_p99_us: pct(0.99),
+            cpu_us_per_io: cpu * 1e6 / ios.max(1) as f64,
+        })
+    })();
+    // SAFETY: kill() on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    if v.is_empty() {
+        f64::NAN
+    } else {
+        v[v.len() / 2]
+    }
+}
+
+fn main() {
+    let mut rounds = 3;
+    let mut secs = 3.0;
+    let mut only = String::new();
+    let mut out = PathBuf::from("build/bench");
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        let mut val = || args.next().unwrap_or_else(|| panic!("{a} needs a value"));
+        match a.as_str() {
+            "--rounds" => rounds = val().parse().expect("--rounds N"),
+            "--secs" => secs = val().parse().expect("--secs S"),
+            "--only" => only = val(),
+            "--out" => out = val().into(),
+            _ => {
+                eprintln!(
+                    "usage: vhostbox-bench [--rounds N] [--secs S] [--only SUBSTR] [--out DIR]"
+                );
+                std::process::exit(2);
+            }
+        }
+    }
+    fs::create_dir_all(&out).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    // A fully written image, so reads hit real data in the page cache, not holes.
+    let img = dir.path().join("bench.img");
+    {
+        let chunk = vec![0x5au8; 1 << 20];
+        let mut f = fs::File::create(&img).unwrap();
+        for _ in 0..(IMAGE_SIZE >> 20) {
+            std::io::Write::write_all(&mut f, &chunk).unwrap();
+        }
+    }
+    // (device, workload) -> contender -> samples
+    let mut all: BTreeMap<(usize, usize), BTreeMap<usize, Vec<Sample>>> = BTreeMap::new();
+    let mut failed: BTreeMap<usize, String> = BTreeMap::new();
+    let mut csv = String::from("round,device,workload,contender,iops,mibs,lat_mean_us,lat_p50_us,lat_p99_us,cpu_us_per_io\n");
+    let devs = [(Dev::Null, "null"), (Dev::File, "file")];
+    for round in 0..rounds {
+        for (di, (dev, dname)) in devs.iter().enumerate() {
+            for (wi, w) in WORKLOADS.iter().enumerate() {
+                let label = format!("{dname} {}", w.name);
+                if !label.contains(&only) {
+                    continue;
+                }
+                for (ci, c) in CONTENDERS.iter().enumerate() {
+                    if failed.contains_key(&ci) {
+                        continue;
+                    }
+                    match run_one(c, *dev, w, secs, dir.path()) {
+                        Ok(s) => {
+                            eprintln!(
+                                "round {round} {label:28} {:22} {:>10.0} IOPS {:>8.1} MiB/s p50 {:>7.1} us p99 {:>7.1} us cpu {:>6.2} us/IO",
+                                c.name, s.iops, s.mibs, s.lat_p50_us, s.lat_p99_us, s.cpu_us_per_io
+                            );
+                            let _ = writeln!(
+                                csv,
+                                "{round},{dname},{},{},{:.0},{:.2},{:.2},{:.2},{:.2},{:.3}",
+                                w.name,
+                                c.name,
+                                s.iops,
+                                s.mibs,
+                                s.lat_mean_us,
+                                s.lat_p50_us,
+                                s.lat_p99_us,
+                                s.cpu_us_per_io
+                            );
+                            all.entry((di, wi))
+                                .or_default()
+                                .entry(ci)
+                                .or_default()
+                                .push(s);
+                        }
+                        Err(e) => {
+                            eprintln!("{}: {e} (no figures for it)", c.name);
+                            failed.insert(ci, e);
+                        }
+                    }
+                }
+            }
+        }
+    }
+    // Report: medians and ratios against qemu-storage-daemon.
+    let peer = CONTENDERS.iter().position(|c| !c.vhostbox).unwrap();
+    let mut md = String::new();
+    let _ = writeln!(md, "Medians of {rounds} alternating rounds of {secs} s each (after 0.5 s warm-up); ratios against {}.\n", CONTENDERS[peer].name);
+    let _ = writeln!(md, "| device | workload | contender | IOPS | MiB/s | mean us | p50 us | p99 us | CPU us/IO | IOPS ratio | p50 ratio | CPU/IO ratio |");
+    let _ = writeln!(
+        md,
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+    );
+    let mut bars: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
+    for (&(di, wi), per) in &mut all {
+        let med = |v: &mut Vec<Sample>, f: fn(&Sample) -> f64| {
+            median(&mut v.iter().map(f).collect::<Vec<_>>())
+        };
+        let mut meds: BTreeMap<usize, [f64; 6]> = BTreeMap::new();
+        for (&ci, v) in per.iter_mut() {
+            meds.insert(
+                ci,
+                [
+                    med(v, |s| s.iops),
+                    med(v, |s| s.mibs),
+                    med(v, |s| s.lat_mean_us),
+                    med(v, |s| s.lat_p50_us),
+                    med(v, |s| s.lat_p99_us),
+                    med(v, |s| s.cpu_us_per_io),
+                ],
+            );
+        }
+        let p = meds.get(&peer).copied();
+        let label = format!("{} {}", devs[di].1, WORKLOADS[wi].name);
+        let mut bar = Vec::new();
+        for (&ci, m) in &meds {
+            let ratio = |i: usize| p.map_or("—".to_string(), |p| format!("{:.2}x", m[i] / p[i]));
+            let _ = writeln!(
+                md,
+                "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} | {} |",
+                devs[di].1,
+                WORKLOADS[wi].name,
+                CONTENDERS[ci].name,
+                m[0],
+                m[1],
+                m[2],
+                m[3],
+                m[4],
+                m[5],
+                ratio(0),
+                ratio(3),
+                ratio(5)
+            );
+            bar.push((ci, m[0]));
+        }
+        bars.push((label, bar));
+    }
+    for (ci, e) in &failed {
+        let _ = writeln!(md, "\n{} did not run: {e}", CONTENDERS[*ci].name);
+    }
+    fs::write(out.join("results.md"), &md).unwrap();
+    fs::write(out.join("results.csv"), &csv).unwrap();
+    fs::write(out.join("iops.svg"), svg(&bars)).unwrap();
+    println!("{md}");
+    eprintln!("wrote {}/results.md, results.csv, iops.svg", out.display());
+}
+
+/// A horizontal bar chart of median IOPS, normalised per workload to its fastest contender.
+fn svg(bars: &[(String, Vec<(usize, f64)>)]) -> String {
+    let colors = ["#2b6cb0", "#63b3ed", "#c05621"];
+    let row = 16.0;
+    let group = row * CONTENDERS.len() as f64 + 14.0;
+    let h = 40.0 + group * bars.len() as f64 + 30.0;
+    let (x0, width) = (230.0, 520.0);
+    let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<text x=\"10\" y=\"20\" font-size=\"14\">Median IOPS per workload (bar length relative to the fastest; figure = IOPS)</text>\n");
+    for (gi, (label, v)) in bars.iter().enumerate() {
+        let top = 40.0 + gi as f64 * group;
+        let max = v.iter().map(|x| x.1).fold(0.0, f64::max).max(1.0);
+        let _ = writeln!(s, "<text x=\"10\" y=\"{}\">{label}</text>", top + row);
+        for (k, (ci, iops)) in v.iter().enumerate() {
+            let y = top + k as f64 * row;
+            let w = width * iops / max;
+            let _ = writeln!(s, "<rect x=\"{x0}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{iops:.0}</text>", row - 3.0, colors[*ci % 3], x0 + w + 4.0, y + row - 5.0);
+        }
+    }
+    for (ci, c) in CONTENDERS.iter().enumerate() {
+        let x = 10.0 + ci as f64 * 200.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", h - 22.0, colors[ci % 3], x + 16.0, h - 12.0, c.name);
+    }
+    s.push_str("</svg>\n");
+    s
+}
