@@ -233,9 +233,10 @@ fn set_rlimit(res: libc::__rlimit_resource_t, v: u64, what: &'static str) -> Res
     step(what, unsafe { libc::setrlimit(res, &lim) } as libc::c_long)
 }
 
-/// Drops every capability: bounding set, ambient, then effective/permitted/inheritable.
-fn drop_capabilities() -> Result<(), JailError> {
-    drop_capabilities_bounding_only()?;
+/// Keeps only the capabilities in `keep`: in the bounding, permitted and effective sets; the
+/// ambient and inheritable sets are emptied. `keep_capabilities(0)` drops every capability.
+fn keep_capabilities(keep: u64) -> Result<(), JailError> {
+    drop_bounding_set(keep)?;
     // SAFETY: prctl with integer arguments.
     step("clearing ambient capabilities", unsafe {
         libc::prctl(
@@ -246,7 +247,7 @@ fn drop_capabilities() -> Result<(), JailError> {
             0,
         )
     } as libc::c_long)?;
-    capset(0)
+    capset(keep)
 }
 
 #[repr(C)]
@@ -294,8 +295,8 @@ fn capset(keep: u64) -> Result<(), JailError> {
 /// SETUID, SETGID).
 const SUPERVISOR_CAPS: &[u32] = &[5, 6, 7, 8, 18]; // KILL SETGID SETUID SETPCAP SYS_CHROOT
 
-/// Narrows a privileged supervisor to what its job needs, after it opened the listener, the
-/// image and /dev/kmsg: every other capability leaves the bounding, permitted and effective
+/// Narrows a privileged supervisor to what its job needs, after it opened the listener and the
+/// image: every other capability leaves the bounding, permitted and effective
 /// sets (CAP_SYS_ADMIN stays only where the kernel restricts user namespaces to it),
 /// no_new_privs is set and the process is made non-dumpable. Does nothing when unprivileged.
 pub fn restrict_supervisor(mode: SandboxMode) -> Result<(), JailError> {
@@ -307,29 +308,7 @@ pub fn restrict_supervisor(mode: SandboxMode) -> Result<(), JailError> {
     if mode == SandboxMode::Namespace && userns_needs_cap_sys_admin() {
         keep |= 1 << 21; // CAP_SYS_ADMIN
     }
-    for cap in 0..64u32 {
-        if keep & (1 << cap) != 0 {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments.
-        if unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } != 1 {
-            continue;
-        }
-        // SAFETY: prctl with integer arguments.
-        let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        step("dropping the supervisor's bounding set", r as libc::c_long)?;
-    }
-    // SAFETY: prctl with integer arguments.
-    step("clearing ambient capabilities", unsafe {
-        libc::prctl(
-            libc::PR_CAP_AMBIENT,
-            libc::PR_CAP_AMBIENT_CLEAR_ALL,
-            0,
-            0,
-            0,
-        )
-    } as libc::c_long)?;
-    capset(keep)?;
+    keep_capabilities(keep)?;
     // SAFETY: prctl with integer arguments.
     let r = unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) };
     step("no_new_privs", r as libc::c_long)?;
@@ -501,7 +480,7 @@ fn chroot_into(dir: &std::path::Path, ids: Ids) -> Result<(), JailError> {
         )?;
         step("chdir /", libc::chdir(c("/").as_ptr()) as libc::c_long)?;
         // The bounding set must go while we still have CAP_SETPCAP.
-        drop_capabilities_bounding_only()?;
+        drop_bounding_set(0)?;
         step(
             "setgroups",
             libc::setgroups(0, std::ptr::null()) as libc::c_long,
@@ -518,10 +497,13 @@ fn chroot_into(dir: &std::path::Path, ids: Ids) -> Result<(), JailError> {
     Ok(())
 }
 
-/// Empties the bounding set. Capabilities already gone are skipped, so this also succeeds
-/// after an earlier call took CAP_SETPCAP away.
-fn drop_capabilities_bounding_only() -> Result<(), JailError> {
-    for cap in 0..64 {
+/// Drops every capability not in `keep` from the bounding set. Capabilities already gone are
+/// skipped, so this also succeeds after an earlier call took CAP_SETPCAP away.
+fn drop_bounding_set(keep: u64) -> Result<(), JailError> {
+    for cap in 0..64u32 {
+        if keep & (1 << cap) != 0 {
+            continue;
+        }
         // SAFETY: prctl with integer arguments.
         match unsafe { libc::prctl(libc::PR_CAPBSET_READ, cap, 0, 0, 0) } {
             1 => {}
@@ -529,9 +511,7 @@ fn drop_capabilities_bounding_only() -> Result<(), JailError> {
         }
         // SAFETY: prctl with integer arguments.
         let r = unsafe { libc::prctl(libc::PR_CAPBSET_DROP, cap, 0, 0, 0) };
-        if r < 0 {
-            return step("dropping the capability bounding set", -1);
-        }
+        step("dropping the capability bounding set", r as libc::c_long)?;
     }
     Ok(())
 }
@@ -605,7 +585,7 @@ pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
     set_rlimit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
-    drop_capabilities()?;
+    keep_capabilities(0)?;
     // SAFETY: prctl with integer arguments.
     unsafe {
         step(

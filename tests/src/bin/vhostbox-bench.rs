@@ -293,8 +293,7 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
         let t0 = Instant::now();
         let warm = t0 + Duration::from_millis(500);
         let until = warm + Duration::from_secs_f64(secs);
-        let cpu0 = tree_cpu(child.id());
-        let mut cpu_warm = None;
+        let mut cpu_warm = 0.0;
         let results: Vec<(u64, Vec<u32>)> = std::thread::scope(|s| {
             let hs: Vec<_> = out
                 .queues
@@ -306,7 +305,7 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
                 })
                 .collect();
             std::thread::sleep(warm.saturating_duration_since(Instant::now()));
-            cpu_warm = Some(tree_cpu(child.id()));
+            cpu_warm = tree_cpu(child.id());
             hs.into_iter()
                 .map(|h| h.join().expect("queue thread"))
                 .collect()
@@ -323,8 +322,7 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
                 / 1000.0
         };
         let mean = lats.iter().map(|&l| l as f64).sum::<f64>() / lats.len().max(1) as f64 / 1000.0;
-        let _ = cpu0;
-        let cpu = cpu1 - cpu_warm.unwrap_or(cpu0);
+        let cpu = cpu1 - cpu_warm;
         b.unmap_mem_region(&region);
         b.free_mem_region(&region);
         Ok(Sample {
