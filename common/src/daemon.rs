@@ -50,6 +50,49 @@ pub enum DaemonError {
     Poll(#[source] io::Error),
 }
 
+/// Where the listener comes from: `--socket-path PATH` or `--fd N`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ListenOn {
+    Path(PathBuf),
+    Fd(RawFd),
+}
+
+impl ListenOn {
+    /// From the two mutually exclusive flags.
+    pub fn from_args(socket_path: Option<PathBuf>, fd: Option<RawFd>) -> Result<Self, String> {
+        match (socket_path, fd) {
+            (Some(p), None) => Ok(Self::Path(p)),
+            (None, Some(fd)) if fd >= 0 => Ok(Self::Fd(fd)),
+            (None, Some(fd)) => Err(format!("invalid --fd {fd}")),
+            _ => Err("exactly one of --socket-path and --fd is required".into()),
+        }
+    }
+}
+
+/// The flags that say where the listener comes from.
+#[derive(Debug, Clone, clap::Args)]
+pub struct ListenArgs {
+    /// Unix socket path to listen on for the frontend (created; a stale socket is replaced).
+    #[arg(
+        long,
+        value_name = "PATH",
+        required_unless_present = "fd",
+        conflicts_with = "fd"
+    )]
+    pub socket_path: Option<PathBuf>,
+
+    /// Use the already-listening unix socket on file descriptor N instead of --socket-path
+    /// (socket activation, or a launcher that bound it).
+    #[arg(long, value_name = "N")]
+    pub fd: Option<RawFd>,
+}
+
+impl ListenArgs {
+    pub fn to_listen_on(&self) -> Result<ListenOn, String> {
+        ListenOn::from_args(self.socket_path.clone(), self.fd)
+    }
+}
+
 /// The process's one listening socket.
 pub struct VhostListener {
     listener: Listener,
@@ -90,6 +133,14 @@ impl VhostListener {
             listener: Listener::from(l),
             owned_path: Some(path.to_owned()),
         })
+    }
+
+    /// Binds the path or takes over the fd.
+    pub fn open(on: &ListenOn) -> Result<Self, DaemonError> {
+        match on {
+            ListenOn::Path(p) => Self::bind(p),
+            ListenOn::Fd(fd) => Self::from_fd(*fd),
+        }
     }
 
     /// Takes over an inherited listening socket (systemd socket activation, libvirt, a test).
@@ -207,6 +258,18 @@ impl ExitEvents {
     }
 }
 
+/// The bytes GET_CONFIG asks for; empty (and a warning) when the range lies outside `space`.
+pub fn config_slice(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
+    let start = offset as usize;
+    match start.checked_add(size as usize) {
+        Some(end) if end <= space.len() => space[start..end].to_vec(),
+        _ => {
+            warn!("GET_CONFIG beyond the config space: offset {offset} size {size}");
+            Vec::new()
+        }
+    }
+}
+
 /// A device that can serve frontends one after another.
 pub trait Device {
     /// The per-connection backend handed to vhost-user-backend.
@@ -227,6 +290,34 @@ pub trait Device {
 
     /// Called after the connection ended and the worker threads were joined.
     fn disconnected(&mut self) {}
+}
+
+/// [`serve`], as a process exit code: 0 after a clean end, 1 (logged) otherwise.
+pub fn serve_exit_code<D: Device>(
+    name: &str,
+    listener: &mut VhostListener,
+    device: &mut D,
+    once: bool,
+) -> i32 {
+    match serve(name, listener, device, once) {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("{}", crate::error_chain(&e));
+            1
+        }
+    }
+}
+
+/// `--sandbox none`: serves from this process, with all of its privileges, and says so.
+pub fn serve_unconfined<D: Device>(
+    name: &str,
+    listener: &mut VhostListener,
+    device: &mut D,
+) -> i32 {
+    warn!(
+        "*** --sandbox none: the backend runs UNCONFINED, with all the privileges of its user ***"
+    );
+    serve_exit_code(name, listener, device, false)
 }
 
 /// Shutdown requested by a signal; shared with the signal thread.

@@ -1,6 +1,9 @@
 //! Helpers for the protocol and VM tests: start the real backend binaries, wait for their
 //! sockets, and drive them with real frontends.
 
+pub mod frontend;
+pub mod net_frontend;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};

@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
+use vhostbox_common::daemon::ListenArgs;
 use vhostbox_common::sandbox::SandboxArgs;
 
 /// A virtio-blk device backend over vhost-user.
@@ -43,19 +44,8 @@ use vhostbox_common::sandbox::SandboxArgs;
       --disk vhost_user=true,socket=/run/vm1-disk.sock,num_queues=2,queue_size=256"
 )]
 pub struct Args {
-    /// Unix socket path to listen on for the frontend (created; a stale socket is replaced).
-    #[arg(
-        long,
-        value_name = "PATH",
-        required_unless_present = "fd",
-        conflicts_with = "fd"
-    )]
-    pub socket_path: Option<PathBuf>,
-
-    /// Use the already-listening unix socket on file descriptor N instead of --socket-path
-    /// (socket activation, or a launcher that bound it).
-    #[arg(long, value_name = "N")]
-    pub fd: Option<i32>,
+    #[command(flatten)]
+    pub listen: ListenArgs,
 
     /// Raw disk image file or host block device to serve.
     #[arg(

@@ -4,19 +4,14 @@ use std::path::PathBuf;
 
 use log::LevelFilter;
 use vhostbox_common::logging::parse_level;
-use vhostbox_common::sandbox::{resolve_user, Ids, SandboxMode, SeccompMode};
+use vhostbox_common::sandbox::{Ids, SandboxMode, SeccompMode};
 use vhostbox_common::size::parse_size;
 
 use crate::args::Args;
 use crate::engine::EngineKind;
 use crate::request::VIRTIO_BLK_ID_BYTES;
 
-/// Where the listener comes from.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum ListenOn {
-    Path(PathBuf),
-    Fd(i32),
-}
+pub use vhostbox_common::daemon::ListenOn;
 
 /// What backs the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -53,12 +48,7 @@ impl TryFrom<Args> for Config {
     type Error = String;
 
     fn try_from(a: Args) -> Result<Self, String> {
-        let listen = match (a.socket_path, a.fd) {
-            (Some(p), None) => ListenOn::Path(p),
-            (None, Some(fd)) if fd >= 0 => ListenOn::Fd(fd),
-            (None, Some(fd)) => return Err(format!("invalid --fd {fd}")),
-            _ => return Err("exactly one of --socket-path and --fd is required".into()),
-        };
+        let listen = a.listen.to_listen_on()?;
         let backing = match (a.image, a.null) {
             (Some(p), None) => Backing::Image(p),
             (None, Some(s)) => Backing::Null(parse_size(&s).map_err(|e| format!("--null: {e}"))?),
@@ -93,16 +83,7 @@ impl TryFrom<Args> for Config {
         }
         let engine = a.engine.parse::<EngineKind>()?;
         let log_level = parse_level(&a.log_level)?;
-        let ids = resolve_user(a.sandbox.user.as_deref())?;
-        if a.sandbox.sandbox == SandboxMode::Chroot {
-            // SAFETY: geteuid has no arguments.
-            if unsafe { libc::geteuid() } != 0 {
-                return Err(
-                    "--sandbox chroot needs root (chroot and setuid); use --sandbox namespace"
-                        .into(),
-                );
-            }
-        }
+        let ids = a.sandbox.check()?;
         #[cfg(feature = "jail-probe")]
         let jail_probe = a.jail_probe;
         #[cfg(not(feature = "jail-probe"))]

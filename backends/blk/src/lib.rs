@@ -16,23 +16,21 @@ pub mod worker;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
-use config::{Backing, Config, ListenOn};
+use config::{Backing, Config};
 use disk::Disk;
 use vhostbox_common::daemon::{self, VhostListener};
 use vhostbox_common::sandbox::supervisor::{supervise, EmptyDir, EXIT_JAIL_FAILED};
 use vhostbox_common::sandbox::{self, JailConfig, SandboxMode};
-use vhostbox_common::EXIT_USAGE;
+use vhostbox_common::{error_chain, EXIT_USAGE};
+
+const NAME: &str = "vhostbox-blk";
 
 /// Runs the daemon; returns the process exit code.
 pub fn run(cfg: Config) -> i32 {
     daemon::block_shutdown_signals();
     // Open everything privileged first: the listener and the image (and the io_uring rings,
     // in BlkDevice::new), before anything a sandbox would forbid.
-    let listener = match &cfg.listen {
-        ListenOn::Path(p) => VhostListener::bind(p),
-        ListenOn::Fd(fd) => VhostListener::from_fd(*fd),
-    };
-    let listener = match listener {
+    let listener = match VhostListener::open(&cfg.listen) {
         Ok(l) => l,
         Err(e) => return fail_usage(&e),
     };
@@ -73,32 +71,20 @@ pub fn run(cfg: Config) -> i32 {
     };
     let mut listener = listener;
     if cfg.sandbox == SandboxMode::None {
-        log::warn!("*** --sandbox none: the backend runs UNCONFINED, with all the privileges of its user ***");
-        let mut device = match vhu_blk::BlkDevice::new(shared, dev_cfg) {
-            Ok(d) => d,
+        return match vhu_blk::BlkDevice::new(shared, dev_cfg) {
+            Ok(mut device) => daemon::serve_unconfined(NAME, &mut listener, &mut device),
             Err(e) => {
-                eprintln!("vhostbox-blk: {e}");
-                return 1;
-            }
-        };
-        return match daemon::serve("vhostbox-blk", &mut listener, &mut device, false) {
-            Ok(()) => 0,
-            Err(e) => {
-                eprintln!("vhostbox-blk: {}", error_chain(&e));
+                eprintln!("{NAME}: {e}");
                 1
             }
         };
     }
-    let chroot_dir = if cfg.sandbox == SandboxMode::Chroot {
-        match EmptyDir::create() {
-            Ok(d) => Some(d),
-            Err(e) => {
-                eprintln!("vhostbox-blk: cannot create the empty chroot directory: {e}");
-                return 1;
-            }
+    let chroot_dir = match EmptyDir::for_mode(cfg.sandbox) {
+        Ok(d) => d,
+        Err(e) => {
+            eprintln!("{NAME}: {e}");
+            return 1;
         }
-    } else {
-        None
     };
     let kind = shared.disk.kind;
     let jail = JailConfig {
@@ -120,7 +106,7 @@ pub fn run(cfg: Config) -> i32 {
     let names = seccomp::rules(kind, 1);
     let listen_fd = listener.raw_fd();
     let probe = cfg.jail_probe.clone();
-    let code = supervise("vhostbox-blk", &jail, &names, |ctx| {
+    let code = supervise(NAME, &jail, &names, |ctx| {
         // In the worker process, not yet jailed: make what needs privilege (the rings).
         let mut device = match vhu_blk::BlkDevice::new(shared.clone(), dev_cfg.clone()) {
             Ok(d) => d,
@@ -143,13 +129,7 @@ pub fn run(cfg: Config) -> i32 {
         if let (Some(p), 1) = (&probe, ctx.generation) {
             return run_probe(p, &mut device);
         }
-        match daemon::serve("vhostbox-blk", &mut listener, &mut device, true) {
-            Ok(()) => 0,
-            Err(e) => {
-                log::error!("{}", error_chain(&e));
-                1
-            }
-        }
+        daemon::serve_exit_code(NAME, &mut listener, &mut device, true)
     });
     drop(chroot_dir);
     drop(listener);
@@ -171,18 +151,6 @@ fn run_probe(_name: &str, _device: &mut vhu_blk::BlkDevice) -> i32 {
 }
 
 fn fail_usage(e: &dyn std::error::Error) -> i32 {
-    eprintln!("vhostbox-blk: {}", error_chain(e));
+    eprintln!("{NAME}: {}", error_chain(e));
     EXIT_USAGE
-}
-
-/// "outer: inner: innermost", on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use log::{debug, warn};
+use log::debug;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
@@ -16,7 +16,7 @@ use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use vhostbox_common::daemon::{Device, ExitEvents};
+use vhostbox_common::daemon::{config_slice, Device, ExitEvents};
 
 use crate::engine::{Engine, EngineKind, SyncEngine, UringEngine};
 use crate::worker::{GuestMem, QueueWorker, Shared, MAX_DISCARD_SEGMENTS};
@@ -210,15 +210,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        let c = config_space(&self.shared, &self.cfg);
-        let start = offset as usize;
-        match start.checked_add(size as usize) {
-            Some(end) if end <= c.len() => c[start..end].to_vec(),
-            _ => {
-                warn!("GET_CONFIG beyond the config space: offset {offset} size {size}");
-                Vec::new()
-            }
-        }
+        config_slice(&config_space(&self.shared, &self.cfg), offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {

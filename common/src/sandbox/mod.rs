@@ -72,6 +72,20 @@ pub struct SandboxArgs {
     pub user: Option<String>,
 }
 
+impl SandboxArgs {
+    /// Resolves `--user` and checks that the mode can work for this invoker.
+    pub fn check(&self) -> Result<Ids, String> {
+        let ids = resolve_user(self.user.as_deref())?;
+        // SAFETY: geteuid has no arguments.
+        if self.sandbox == SandboxMode::Chroot && unsafe { libc::geteuid() } != 0 {
+            return Err(
+                "--sandbox chroot needs root (chroot and setuid); use --sandbox namespace".into(),
+            );
+        }
+        Ok(ids)
+    }
+}
+
 /// A uid/gid pair as seen from the host.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Ids {

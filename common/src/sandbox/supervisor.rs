@@ -475,6 +475,16 @@ fn spawn(
 pub struct EmptyDir(pub PathBuf);
 
 impl EmptyDir {
+    /// The directory `--sandbox chroot` needs; none for the other modes.
+    pub fn for_mode(mode: super::SandboxMode) -> Result<Option<Self>, String> {
+        if mode != super::SandboxMode::Chroot {
+            return Ok(None);
+        }
+        Self::create()
+            .map(Some)
+            .map_err(|e| format!("cannot create the empty chroot directory: {e}"))
+    }
+
     pub fn create() -> io::Result<Self> {
         let base = std::env::temp_dir().join(format!("vhostbox-root-{}", std::process::id()));
         fs::create_dir(&base)?;

@@ -1,0 +1,383 @@
+//! The vhost-user glue: features, config space, and routing each queue pair's events (RX kick,
+//! TX kick, tap readiness) to its [`PairWorker`]. One worker thread per queue pair.
+
+use std::io;
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
+
+use log::{info, warn};
+use vhost::vhost_user::message::VhostUserProtocolFeatures;
+use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_net::*;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
+use virtio_queue::QueueT;
+use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vmm_sys_util::epoll::EventSet;
+use vmm_sys_util::event::{EventConsumer, EventNotifier};
+
+use vhostbox_common::daemon::{config_slice, Device, ExitEvents};
+
+use crate::config::Mac;
+use crate::datapath::{GuestMem, NetStats, PairWorker, TapIo};
+use crate::hdr;
+use crate::tap::Tap;
+
+const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
+/// Bytes of struct virtio_net_config up to and including `mtu`.
+pub const CONFIG_LEN: usize = 12;
+
+/// Device settings fixed for the process's life.
+#[derive(Debug, Clone)]
+pub struct DeviceConfig {
+    pub queue_pairs: u16,
+    pub queue_size: u16,
+    pub mac: Mac,
+    pub mtu: Option<u16>,
+}
+
+/// The virtio features this device offers.
+pub fn device_features(cfg: &DeviceConfig) -> u64 {
+    let mut f = 1u64 << VIRTIO_F_VERSION_1
+        | 1 << VIRTIO_RING_F_INDIRECT_DESC
+        | 1 << VIRTIO_RING_F_EVENT_IDX
+        | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        | 1 << VIRTIO_NET_F_CSUM
+        | 1 << VIRTIO_NET_F_GUEST_CSUM
+        | 1 << VIRTIO_NET_F_HOST_TSO4
+        | 1 << VIRTIO_NET_F_HOST_TSO6
+        | 1 << VIRTIO_NET_F_HOST_ECN
+        | 1 << VIRTIO_NET_F_HOST_UFO
+        | 1 << VIRTIO_NET_F_GUEST_TSO4
+        | 1 << VIRTIO_NET_F_GUEST_TSO6
+        | 1 << VIRTIO_NET_F_GUEST_ECN
+        | 1 << VIRTIO_NET_F_GUEST_UFO
+        | 1 << VIRTIO_NET_F_MRG_RXBUF
+        | 1 << VIRTIO_NET_F_MAC
+        | 1 << VIRTIO_NET_F_STATUS;
+    if cfg.queue_pairs > 1 {
+        f |= 1 << VIRTIO_NET_F_MQ;
+    }
+    if cfg.mtu.is_some() {
+        f |= 1 << VIRTIO_NET_F_MTU;
+    }
+    f
+}
+
+/// struct virtio_net_config, little-endian: mac, status (link up), max_virtqueue_pairs, mtu.
+pub fn config_space(cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
+    let mut c = [0u8; CONFIG_LEN];
+    c[0..6].copy_from_slice(&cfg.mac.0);
+    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
+    c[8..10].copy_from_slice(&cfg.queue_pairs.to_le_bytes());
+    c[10..12].copy_from_slice(&cfg.mtu.unwrap_or(1500).to_le_bytes());
+    c
+}
+
+/// One queue of the tap, as the datapath sees it.
+pub struct TapHandle {
+    tap: Arc<Tap>,
+    index: usize,
+}
+
+impl TapIo for TapHandle {
+    fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let fd = self.tap.queues[self.index].raw_fd();
+        // SAFETY: reads at most buf.len() bytes into a buffer we own.
+        let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    unsafe fn write_frame(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        let fd = self.tap.queues[self.index].raw_fd();
+        // SAFETY: the caller guarantees the iovecs are readable; at most 1024 of them.
+        let n = unsafe { libc::writev(fd, iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+}
+
+type MemSlot = RwLock<Option<GuestMemoryAtomic<GuestMem>>>;
+
+/// Per-connection backend state. A new one is built for every frontend.
+pub struct NetBackend {
+    cfg: DeviceConfig,
+    tap: Arc<Tap>,
+    mem: MemSlot,
+    workers: Vec<Mutex<PairWorker<TapHandle>>>,
+    exit: Arc<ExitEvents>,
+    acked: AtomicU64,
+    stats: Arc<NetStats>,
+}
+
+fn active(v: &VringRwLock) -> bool {
+    let s = v.get_ref();
+    s.is_enabled() && s.get_queue().ready()
+}
+
+/// Kicks the vring's own kick eventfd, so its worker comes back after other pending events.
+fn self_kick(v: &VringRwLock) {
+    if let Some(k) = v.get_ref().get_kick() {
+        let one = 1u64;
+        // SAFETY: writes 8 bytes from a u64 we own to an eventfd.
+        unsafe { libc::write(k.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+}
+
+impl NetBackend {
+    /// Event id of a pair's tap readiness (ids up to the queue count are reserved).
+    pub fn tap_event(&self) -> u16 {
+        2 * self.cfg.queue_pairs + 1
+    }
+
+    pub fn stats(&self) -> &NetStats {
+        &self.stats
+    }
+
+    fn memory(&self) -> Option<Arc<GuestMem>> {
+        let guard = self.mem.read().unwrap_or_else(|e| e.into_inner());
+        guard.as_ref().map(|m| m.memory().into_inner())
+    }
+
+    fn pass(
+        &self,
+        worker: &mut PairWorker<TapHandle>,
+        vring: &VringRwLock,
+        rx: bool,
+        mem: &GuestMem,
+    ) -> io::Result<()> {
+        let mut state = vring.get_mut();
+        let queue = state.get_queue_mut();
+        let used = if rx {
+            worker.process_rx(queue, mem)?
+        } else {
+            worker.process_tx(queue, mem)?
+        };
+        if used && state.needs_notification().map_err(io::Error::other)? {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+}
+
+impl VhostUserBackend for NetBackend {
+    type Bitmap = ();
+    type Vring = VringRwLock;
+
+    fn num_queues(&self) -> usize {
+        2 * usize::from(self.cfg.queue_pairs)
+    }
+
+    fn max_queue_size(&self) -> usize {
+        usize::from(self.cfg.queue_size)
+    }
+
+    fn features(&self) -> u64 {
+        device_features(&self.cfg)
+    }
+
+    fn acked_features(&self, features: u64) {
+        self.acked.store(features, Ordering::Relaxed);
+        let offloads = hdr::tap_offloads(features);
+        let hdr_len = hdr::hdr_len(features);
+        // Header size and offloads belong to the tap device: one queue sets them for all.
+        if let Err((what, e)) = self.tap.queues[0].configure(hdr_len, offloads) {
+            warn!("tap {}: {what}: {e}", self.tap.name);
+        }
+        for w in &self.workers {
+            w.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .set_features(features);
+        }
+        log::debug!("features {features:#x}: header {hdr_len} bytes, tap offloads {offloads:#x}");
+    }
+
+    fn protocol_features(&self) -> VhostUserProtocolFeatures {
+        VhostUserProtocolFeatures::MQ
+            | VhostUserProtocolFeatures::REPLY_ACK
+            | VhostUserProtocolFeatures::CONFIG
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+    }
+
+    fn set_event_idx(&self, _enabled: bool) {}
+
+    fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
+        config_slice(&config_space(&self.cfg), offset, size)
+    }
+
+    fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
+        Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!(
+                "SET_CONFIG: the virtio-net config space is read-only (offset {offset} size {})",
+                buf.len()
+            ),
+        ))
+    }
+
+    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
+        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+        Ok(())
+    }
+
+    fn queues_per_thread(&self) -> Vec<u64> {
+        (0..self.cfg.queue_pairs)
+            .map(|i| 0b11u64 << (2 * i))
+            .collect()
+    }
+
+    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit.pair(thread_index)
+    }
+
+    fn handle_event(
+        &self,
+        device_event: u16,
+        evset: EventSet,
+        vrings: &[VringRwLock],
+        thread_id: usize,
+    ) -> io::Result<()> {
+        let (Some(rxv), Some(txv)) = (vrings.first(), vrings.get(1)) else {
+            return Ok(());
+        };
+        let mut w = self.workers[thread_id]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        let (mut rx, mut tx) = (false, false);
+        match device_event {
+            0 => rx = true,
+            1 => tx = true,
+            e if e == self.tap_event() => {
+                if evset.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
+                    w.tap_readable();
+                    rx = true;
+                }
+                if evset.contains(EventSet::OUT) {
+                    w.tap_writable();
+                    tx = true;
+                }
+            }
+            e => return Err(io::Error::other(format!("unknown event {e}"))),
+        }
+        let (rx_on, tx_on) = (active(rxv), active(txv));
+        // The kernel steers traffic only to attached queues: a pair the guest does not use
+        // must not swallow frames.
+        if let Err(e) = self.tap.queues[thread_id].set_attached(rx_on || tx_on) {
+            warn!(
+                "tap {} queue {thread_id}: cannot attach or detach: {e}",
+                self.tap.name
+            );
+        }
+        let Some(mem) = self.memory() else {
+            return Ok(());
+        };
+        if rx && rx_on {
+            self.pass(&mut w, rxv, true, &mem)?;
+        }
+        if tx && tx_on {
+            self.pass(&mut w, txv, false, &mem)?;
+        }
+        // Work left after a budget: come back once other events (the other direction, the
+        // exit event) had their turn.
+        if w.take_rx_more() {
+            self_kick(rxv);
+        }
+        if w.take_tx_more() {
+            self_kick(txv);
+        }
+        Ok(())
+    }
+}
+
+/// The device across connections: the tap and the exit events.
+pub struct NetDevice {
+    cfg: DeviceConfig,
+    tap: Arc<Tap>,
+    exit: Arc<ExitEvents>,
+    last: Option<Arc<NetBackend>>,
+}
+
+impl NetDevice {
+    pub fn new(tap: Arc<Tap>, cfg: DeviceConfig) -> io::Result<Self> {
+        let exit = Arc::new(ExitEvents::new(usize::from(cfg.queue_pairs))?);
+        Ok(Self {
+            cfg,
+            tap,
+            exit,
+            last: None,
+        })
+    }
+
+    /// Every fd the device holds (tap queues, exit eventfds): the jail's keep-list.
+    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
+        let mut v = self.exit.raw_fds();
+        v.extend(self.tap.queues.iter().map(|q| q.raw_fd()));
+        v
+    }
+}
+
+impl Device for NetDevice {
+    type Backend = Arc<NetBackend>;
+
+    fn connect(&mut self) -> io::Result<Arc<NetBackend>> {
+        self.exit.reset();
+        let stats = Arc::new(NetStats::default());
+        let workers = (0..usize::from(self.cfg.queue_pairs))
+            .map(|index| {
+                Mutex::new(PairWorker::new(
+                    TapHandle {
+                        tap: self.tap.clone(),
+                        index,
+                    },
+                    stats.clone(),
+                ))
+            })
+            .collect();
+        let b = Arc::new(NetBackend {
+            cfg: self.cfg.clone(),
+            tap: self.tap.clone(),
+            mem: RwLock::new(None),
+            workers,
+            exit: self.exit.clone(),
+            acked: AtomicU64::new(0),
+            stats,
+        });
+        self.last = Some(b.clone());
+        Ok(b)
+    }
+
+    fn attach(
+        &mut self,
+        backend: &Arc<NetBackend>,
+        handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>],
+    ) -> io::Result<()> {
+        for (i, h) in handlers.iter().enumerate() {
+            h.register_listener(
+                self.tap.queues[i].raw_fd(),
+                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
+                u64::from(backend.tap_event()),
+            )?;
+        }
+        Ok(())
+    }
+
+    fn disconnected(&mut self) {
+        if let Some(b) = self.last.take() {
+            info!("traffic of that connection: {}", b.stats.summary());
+        }
+        // No guest: steer nothing to the queues, so no stale frames wait for the next one.
+        for (i, q) in self.tap.queues.iter().enumerate() {
+            if let Err(e) = q.set_attached(false) {
+                warn!("tap {} queue {i}: cannot detach: {e}", self.tap.name);
+            }
+        }
+    }
+}
