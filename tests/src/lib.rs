@@ -3,6 +3,7 @@
 
 pub mod frontend;
 pub mod net_frontend;
+pub mod netns;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -299,7 +299,9 @@ impl<T: TapIo> PairWorker<T> {
             let start = self.segs.len();
             let mut ok = true;
             let mut chain_cap = 0usize;
+            let mut open_ended = false;
             for d in chain {
+                open_ended = d.has_next();
                 let len = d.len() as usize;
                 if !d.is_write_only() || !mem.check_range(d.addr(), len) {
                     ok = false;
@@ -310,7 +312,7 @@ impl<T: TapIo> PairWorker<T> {
                     chain_cap += len;
                 }
             }
-            if !ok || chain_cap == 0 {
+            if !ok || open_ended || chain_cap == 0 {
                 // Return it unused, together with the buffers already taken for this frame:
                 // a frame's buffers must be published back to back.
                 NetStats::inc(&self.stats.rx_bad_chains);
@@ -443,7 +445,11 @@ impl<T: TapIo> PairWorker<T> {
         self.iov.clear();
         let limit = self.hdr_len + MAX_FRAME_LEN;
         let mut total = 0usize;
+        let mut open_ended = false;
         for d in chain {
+            // The last descriptor must end the chain: one that still points on was cut short
+            // (a loop, a next index beyond the table, an unreadable indirect table).
+            open_ended = d.has_next();
             if d.is_write_only() {
                 return Err(TxDrop::Malformed(
                     "device-writable descriptor in a TX chain",
@@ -463,6 +469,11 @@ impl<T: TapIo> PairWorker<T> {
             if self.iov.len() > MAX_IOV {
                 return Err(TxDrop::Malformed("more than 1024 segments"));
             }
+        }
+        if open_ended {
+            return Err(TxDrop::Malformed(
+                "the descriptor chain does not end (a loop or a bad next index)",
+            ));
         }
         if total < self.hdr_len + ETH_HLEN {
             return Err(TxDrop::Malformed(

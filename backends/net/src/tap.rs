@@ -8,7 +8,7 @@
 use std::ffi::CStr;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicU8, Ordering};
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
 const TUNGETIFF: libc::c_ulong = 0x8004_54d2;
@@ -98,8 +98,14 @@ pub struct TapQueue {
     fd: OwnedFd,
     /// Whether the tap is multi-queue (queues can be detached and re-attached).
     multi_queue: bool,
-    attached: AtomicBool,
+    /// What this process last made of the queue: [`UNKNOWN`], [`ATTACHED`] or [`DETACHED`].
+    /// A worker forked after another one detached the queue starts from UNKNOWN.
+    attached: AtomicU8,
 }
+
+const UNKNOWN: u8 = 0;
+const ATTACHED: u8 = 1;
+const DETACHED: u8 = 2;
 
 /// The opened tap: its name and its queues, one per queue pair.
 #[derive(Debug)]
@@ -315,7 +321,7 @@ impl TapQueue {
         Self {
             fd,
             multi_queue,
-            attached: AtomicBool::new(true),
+            attached: AtomicU8::new(UNKNOWN),
         }
     }
 
@@ -343,23 +349,28 @@ impl TapQueue {
     /// Attaches or detaches this queue (multi-queue taps only): the kernel steers no traffic to
     /// a detached queue, so a queue pair the guest does not use does not swallow frames.
     pub fn set_attached(&self, on: bool) -> io::Result<()> {
-        if !self.multi_queue || self.attached.load(Ordering::Relaxed) == on {
+        let want = if on { ATTACHED } else { DETACHED };
+        if !self.multi_queue || self.attached.load(Ordering::Relaxed) == want {
             return Ok(());
         }
-        let mut req = IfReq::new(
-            "",
-            if on {
-                IFF_ATTACH_QUEUE
-            } else {
-                IFF_DETACH_QUEUE
-            },
-        );
-        ioctl_ptr(self.raw_fd(), TUNSETQUEUE, &mut req)?;
-        self.attached.store(on, Ordering::Relaxed);
+        let flags = if on {
+            IFF_ATTACH_QUEUE
+        } else {
+            IFF_DETACH_QUEUE
+        };
+        let mut req = IfReq::new("", flags);
+        match ioctl_ptr(self.raw_fd(), TUNSETQUEUE, &mut req) {
+            Ok(()) => {}
+            // EINVAL: the queue is already in that state (what an earlier worker left).
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {}
+            Err(e) => return Err(e),
+        }
+        self.attached.store(want, Ordering::Relaxed);
         Ok(())
     }
 
-    pub fn is_attached(&self) -> bool {
-        self.attached.load(Ordering::Relaxed)
+    /// Forgets what this process knows of the queue's state (a new worker's first connection).
+    pub fn forget_attachment(&self) {
+        self.attached.store(UNKNOWN, Ordering::Relaxed);
     }
 }

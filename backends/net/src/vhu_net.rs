@@ -329,6 +329,15 @@ impl Device for NetDevice {
 
     fn connect(&mut self) -> io::Result<Arc<NetBackend>> {
         self.exit.reset();
+        // Every queue starts attached, whatever a previous worker left, so frames sent as soon
+        // as the frontend is set up are not lost; queues of pairs the guest leaves disabled are
+        // detached on their first event.
+        for (i, q) in self.tap.queues.iter().enumerate() {
+            q.forget_attachment();
+            if let Err(e) = q.set_attached(true) {
+                warn!("tap {} queue {i}: cannot attach: {e}", self.tap.name);
+            }
+        }
         let stats = Arc::new(NetStats::default());
         let workers = (0..usize::from(self.cfg.queue_pairs))
             .map(|index| {
