@@ -10,6 +10,8 @@
 #     --blk-queues Q       queues per disk (default 2)
 #     --net SOCKET         a virtio-net-pci NIC on a vhost-user netdev at that socket (repeatable)
 #     --net-queues Q       queue pairs per NIC (default 1)
+#     --net-mtu N          MTU the NICs offer the guest (host_mtu=; the backend must offer
+#                          VIRTIO_NET_F_MTU too, e.g. vhostbox-net --mtu N)
 #     --mem MB             guest RAM, a shared memfd (default 512; at least 320: the initramfs
 #                          unpacks to ~90 MB into a tmpfs capped at half the RAM)
 #     --cpus N             vCPUs (default 1)
@@ -41,6 +43,7 @@ blks=()
 nets=()
 blk_queues=2
 net_queues=1
+net_mtu=""
 mem=512
 cpus=1
 console=""
@@ -60,6 +63,7 @@ while [ $# -gt 0 ]; do
         --blk-queues) need "$@"; blk_queues=$2; shift 2 ;;
         --net) need "$@"; nets+=("$2"); shift 2 ;;
         --net-queues) need "$@"; net_queues=$2; shift 2 ;;
+        --net-mtu) need "$@"; net_mtu=$2; shift 2 ;;
         --mem) need "$@"; mem=$2; shift 2 ;;
         --cpus) need "$@"; cpus=$2; shift 2 ;;
         --console) need "$@"; console=$2; shift 2 ;;
@@ -138,7 +142,7 @@ i=0
 for s in "${nets[@]}"; do
     cmd+=(-chardev "socket,id=net$i,path=$s"
         -netdev "vhost-user,id=net$i,chardev=net$i,queues=$net_queues"
-        -device "virtio-net-pci,netdev=net$i,mq=on,vectors=$((2 * net_queues + 2)),mac=$(printf '52:54:00:76:62:%02x' "$i")")
+        -device "virtio-net-pci,netdev=net$i,mq=on,vectors=$((2 * net_queues + 2)),mac=$(printf '52:54:00:76:62:%02x' "$i")${net_mtu:+,host_mtu=$net_mtu}")
     i=$((i + 1))
 done
 cmd+=("${extra[@]}")

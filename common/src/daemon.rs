@@ -290,6 +290,12 @@ pub trait Device {
 
     /// Called after the connection ended and the worker threads were joined.
     fn disconnected(&mut self) {}
+
+    /// A relay to put between the frontend and vhost-user-backend (see [`crate::vu_shim`]),
+    /// for devices whose frontends enable rings before setting features.
+    fn shim(&mut self) -> Option<&mut crate::vu_shim::Shim> {
+        None
+    }
 }
 
 /// [`serve`], as a process exit code: 0 after a clean end, 1 (logged) otherwise.
@@ -467,7 +473,21 @@ pub fn serve<D: Device>(
         device
             .attach(&backend, &daemon.get_epoll_handlers())
             .map_err(DaemonError::Device)?;
-        if let Err(e) = daemon.start(&mut listener.listener) {
+        let started = match device.shim() {
+            None => daemon.start(&mut listener.listener),
+            Some(shim) => match listener.listener.accept() {
+                Ok(Some(frontend)) => match shim.relay(frontend) {
+                    Ok(l) => daemon.start(l),
+                    Err(e) => return Err(DaemonError::Device(e)),
+                },
+                Ok(None) => continue,
+                Err(e) => {
+                    warn!("accepting a frontend failed: {e}");
+                    continue;
+                }
+            },
+        };
+        if let Err(e) = started {
             if st.requested.load(Ordering::SeqCst) {
                 break;
             }
@@ -496,6 +516,9 @@ pub fn serve<D: Device>(
         device.disconnected();
         if once {
             return Ok(());
+        }
+        if let Some(shim) = device.shim() {
+            shim.rearm().map_err(DaemonError::Device)?;
         }
         if !st.requested.load(Ordering::SeqCst) {
             info!("waiting for the next frontend");

@@ -6,6 +6,7 @@ pub mod daemon;
 pub mod logging;
 pub mod sandbox;
 pub mod size;
+pub mod vu_shim;
 
 /// Exit status for a configuration or environment error (bad flag, missing file, busy socket).
 pub const EXIT_USAGE: i32 = 2;

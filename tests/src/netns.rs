@@ -56,6 +56,13 @@ impl NetNs {
         })
     }
 
+    /// A second handle on the same namespace (for another thread).
+    pub fn clone_handle(&self) -> NetNs {
+        NetNs {
+            fd: self.fd.try_clone().expect("dup namespace fd"),
+        }
+    }
+
     /// Runs `f` on a thread inside the namespace. Sockets and taps it opens, and processes it
     /// spawns, belong to the namespace.
     pub fn run<R: Send>(&self, f: impl FnOnce() -> R + Send) -> R {

@@ -77,6 +77,10 @@ pub fn run(cfg: Config) -> i32 {
         }
     };
     if cfg.sandbox == SandboxMode::None {
+        if let Err(e) = device.arm_shim() {
+            eprintln!("{NAME}: cannot set up the vhost-user relay: {e}");
+            return 1;
+        }
         return daemon::serve_unconfined(NAME, &mut listener, &mut device);
     }
     let chroot_dir = match EmptyDir::for_mode(cfg.sandbox) {
@@ -103,6 +107,11 @@ pub fn run(cfg: Config) -> i32 {
     let listen_fd = listener.raw_fd();
     let probe = cfg.jail_probe.clone();
     let code = supervise(NAME, &jail, &names, |ctx| {
+        // In the worker, not yet jailed: the relay's private socket pair.
+        if let Err(e) = device.arm_shim() {
+            log::error!("cannot set up the vhost-user relay: {e}");
+            return EXIT_JAIL_FAILED;
+        }
         let mut keep = vec![listen_fd, ctx.report_fd];
         keep.extend(device.fds());
         vhostbox_common::sandbox::seccomp::set_report_fd(ctx.report_fd);

@@ -18,6 +18,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use vhostbox_common::daemon::{config_slice, Device, ExitEvents};
+use vhostbox_common::vu_shim::Shim;
 
 use crate::config::Mac;
 use crate::datapath::{GuestMem, NetStats, PairWorker, TapIo};
@@ -303,6 +304,7 @@ pub struct NetDevice {
     tap: Arc<Tap>,
     exit: Arc<ExitEvents>,
     last: Option<Arc<NetBackend>>,
+    shim: Option<Shim>,
 }
 
 impl NetDevice {
@@ -313,13 +315,22 @@ impl NetDevice {
             tap,
             exit,
             last: None,
+            shim: None,
         })
+    }
+
+    /// Makes the relay QEMU needs (it enables rings before it sets features): in each worker,
+    /// before the jail, or once when unconfined.
+    pub fn arm_shim(&mut self) -> io::Result<()> {
+        self.shim = Some(Shim::new()?);
+        Ok(())
     }
 
     /// Every fd the device holds (tap queues, exit eventfds): the jail's keep-list.
     pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
         let mut v = self.exit.raw_fds();
         v.extend(self.tap.queues.iter().map(|q| q.raw_fd()));
+        v.extend(self.shim.iter().flat_map(|s| s.fds()));
         v
     }
 }
@@ -376,6 +387,10 @@ impl Device for NetDevice {
             )?;
         }
         Ok(())
+    }
+
+    fn shim(&mut self) -> Option<&mut Shim> {
+        self.shim.as_mut()
     }
 
     fn disconnected(&mut self) {

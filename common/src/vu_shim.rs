@@ -1,0 +1,233 @@
+//! A small relay in front of vhost-user-backend for frontends that enable rings before they
+//! set features.
+//!
+//! QEMU's virtio-net sends VHOST_USER_SET_VRING_ENABLE for every queue pair as soon as the
+//! guest acknowledges its features, which is before QEMU starts the vhost device and sends
+//! VHOST_USER_SET_FEATURES. vhost-user-backend 0.24 rejects SET_VRING_ENABLE until
+//! VHOST_USER_F_PROTOCOL_FEATURES has been acknowledged in SET_FEATURES, and drops the
+//! connection. The spec only says the message "should be sent only when
+//! VHOST_USER_F_PROTOCOL_FEATURES has been negotiated" (it was: the bit was offered and the
+//! protocol features set), and QEMU repeats the enable state once it starts the device, after
+//! SET_FEATURES. So until SET_FEATURES has gone by, the relay answers SET_VRING_ENABLE itself
+//! (an ack when one is asked for) and forwards everything else, file descriptors included.
+//!
+//! The relay sits between the frontend's connection and a pre-connected socket pair that the
+//! library accepts from a private abstract-namespace listener. Both are made before the jail,
+//! so the jailed worker needs no syscall it did not already have (accept, recvmsg, sendmsg,
+//! poll). Only control messages pass through it; the datapath (shared memory, eventfds) never
+//! does.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::linux::net::SocketAddrExt;
+use std::os::unix::net::{SocketAddr, UnixListener, UnixStream};
+
+use log::debug;
+use vhost::vhost_user::Listener;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+const SET_FEATURES: u32 = 2;
+const SET_VRING_ENABLE: u32 = 18;
+const FLAG_VERSION: u32 = 0x1;
+const FLAG_REPLY: u32 = 0x4;
+const FLAG_NEED_REPLY: u32 = 0x8;
+/// The most fds one vhost-user message carries (VHOST_MEMORY_BASELINE_NREGIONS).
+const MAX_FDS: usize = 8;
+/// The largest payload a sane message has (SET_MEM_TABLE with 8 regions, config space).
+const MAX_PAYLOAD: usize = 4096;
+
+/// The library's side: a private listener with one connection already queued.
+pub struct Shim {
+    listener: Listener,
+    client: Option<UnixStream>,
+    addr: SocketAddr,
+}
+
+impl Shim {
+    /// Makes the private listener and connects the relay's end to it.
+    pub fn new() -> io::Result<Shim> {
+        let mut name = [0u8; 8];
+        // SAFETY: getrandom writes at most 8 bytes into `name`.
+        unsafe { libc::getrandom(name.as_mut_ptr().cast(), name.len(), 0) };
+        let name = format!(
+            "vhostbox-shim-{}-{:016x}",
+            std::process::id(),
+            u64::from_ne_bytes(name)
+        );
+        let addr = SocketAddr::from_abstract_name(name.as_bytes())?;
+        let l = UnixListener::bind_addr(&addr)?;
+        let mut s = Shim {
+            listener: Listener::from(l),
+            client: None,
+            addr,
+        };
+        s.rearm()?;
+        Ok(s)
+    }
+
+    /// Queues the next connection (needs socket and connect: only outside a jail).
+    pub fn rearm(&mut self) -> io::Result<()> {
+        if self.client.is_none() {
+            self.client = Some(UnixStream::connect_addr(&self.addr)?);
+        }
+        Ok(())
+    }
+
+    /// The fds to keep in a jail.
+    pub fn fds(&self) -> Vec<RawFd> {
+        let mut v = vec![self.listener.as_raw_fd()];
+        v.extend(self.client.as_ref().map(|c| c.as_raw_fd()));
+        v
+    }
+
+    /// Relays `frontend` to the queued connection on a thread; returns the listener to hand to
+    /// the library, which accepts that connection.
+    pub fn relay(&mut self, frontend: UnixStream) -> io::Result<&mut Listener> {
+        let backend = self
+            .client
+            .take()
+            .ok_or_else(|| io::Error::other("relay already used; no queued connection"))?;
+        std::thread::Builder::new()
+            .name("vu-relay".into())
+            .spawn(move || relay(frontend, backend))?;
+        Ok(&mut self.listener)
+    }
+}
+
+struct Msg {
+    hdr: [u8; 12],
+    payload: Vec<u8>,
+    fds: Vec<OwnedFd>,
+}
+
+impl Msg {
+    fn field(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.hdr[4 * i..4 * i + 4].try_into().unwrap())
+    }
+}
+
+/// Reads one message; None at end of stream.
+fn read_msg(s: &UnixStream) -> io::Result<Option<Msg>> {
+    let mut hdr = [0u8; 12];
+    let mut fds = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    }];
+    // SAFETY: the iovec points to `hdr`, which we own and which may take any bytes.
+    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.map_err(io::Error::other)?;
+    // SAFETY: recv_with_fds handed these fds to us; nothing else owns them.
+    let fds: Vec<OwnedFd> = fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    read_exact(s, &mut hdr[n..])?;
+    let size = u32::from_le_bytes(hdr[8..12].try_into().unwrap()) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::other(format!("message payload of {size} bytes")));
+    }
+    let mut payload = vec![0u8; size];
+    read_exact(s, &mut payload)?;
+    Ok(Some(Msg { hdr, payload, fds }))
+}
+
+fn read_exact(s: &UnixStream, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: reads at most buf.len() bytes into a buffer we own.
+        let n = unsafe { libc::read(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => buf = &mut buf[n as usize..],
+        }
+    }
+    Ok(())
+}
+
+fn write_msg(s: &UnixStream, m: &Msg) -> io::Result<()> {
+    let mut bytes = m.hdr.to_vec();
+    bytes.extend_from_slice(&m.payload);
+    let fds: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let n = s
+        .send_with_fds(&[&bytes[..]], &fds)
+        .map_err(io::Error::other)?;
+    if n != bytes.len() {
+        // The fds went with the first part; the rest is plain data.
+        let mut w = s;
+        std::io::Write::write_all(&mut w, &bytes[n..])?;
+    }
+    Ok(())
+}
+
+fn relay(frontend: UnixStream, backend: UnixStream) {
+    let mut features_set = false;
+    let r = (|| -> io::Result<()> {
+        loop {
+            let mut p = [
+                libc::pollfd {
+                    fd: frontend.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+                libc::pollfd {
+                    fd: backend.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                },
+            ];
+            // SAFETY: two valid pollfds.
+            if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } < 0 {
+                let e = io::Error::last_os_error();
+                if e.kind() == io::ErrorKind::Interrupted {
+                    continue;
+                }
+                return Err(e);
+            }
+            if p[0].revents != 0 {
+                let Some(m) = read_msg(&frontend)? else {
+                    return Ok(());
+                };
+                let req = m.field(0);
+                if req == SET_FEATURES {
+                    features_set = true;
+                }
+                if req == SET_VRING_ENABLE && !features_set {
+                    debug!("relay: SET_VRING_ENABLE before SET_FEATURES answered here");
+                    if m.field(1) & FLAG_NEED_REPLY != 0 {
+                        let mut hdr = [0u8; 12];
+                        hdr[0..4].copy_from_slice(&req.to_le_bytes());
+                        hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+                        hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
+                        let ack = Msg {
+                            hdr,
+                            payload: vec![0; 8],
+                            fds: Vec::new(),
+                        };
+                        write_msg(&frontend, &ack)?;
+                    }
+                    continue;
+                }
+                write_msg(&backend, &m)?;
+            }
+            if p[1].revents != 0 {
+                let Some(m) = read_msg(&backend)? else {
+                    return Ok(());
+                };
+                write_msg(&frontend, &m)?;
+            }
+        }
+    })();
+    if let Err(e) = r {
+        debug!("relay ended: {e}");
+    }
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    let _ = backend.shutdown(std::net::Shutdown::Both);
+}
