@@ -694,3 +694,70 @@ fn bad_taps_and_flags_exit_2_with_one_clear_line() {
     assert!(ns.run(|| ifindex("t0")).is_none());
     drop((tun, novnet));
 }
+
+fn proc_status(pid: &str) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn the_serving_worker_is_jailed_and_holds_only_its_tap() {
+    let r = rig(2, &[]);
+    let mut fe = r.connect(2, BASE | VIRTIO_NET_F_MRG_RXBUF);
+    let host = r.host(false);
+    let f = test_frame(BCAST, MAC, 300, 1);
+    fe.send(1, &NetHdr::default(), &f).unwrap();
+    assert_eq!(host.recv_matching(T, |g| g == &f[..]).unwrap(), f);
+    let pid = r.backend.worker_pid();
+    // Every thread: seccomp filter, no_new_privs, no capabilities, no uid or gid 0.
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().file_name().into_string().unwrap();
+        let st = proc_status(&t);
+        assert_eq!(st["Seccomp"], "2", "thread {t}: {st:?}");
+        assert_eq!(st["NoNewPrivs"], "1", "thread {t}");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(st[cap], "0000000000000000", "thread {t}: {cap}");
+        }
+        for ids in ["Uid", "Gid"] {
+            assert!(
+                st[ids].split_whitespace().all(|i| i != "0"),
+                "thread {t}: {ids} {}",
+                st[ids]
+            );
+        }
+    }
+    // Its own namespaces (also its own empty network namespace), an empty root.
+    for ns in ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"] {
+        let w = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let h = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(w, h, "worker shares the test's {ns} namespace");
+    }
+    assert_eq!(
+        std::fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .count(),
+        0
+    );
+    // Open: the two tap queues, sockets, eventfds and epoll, guest memory, the log, /dev/null.
+    let mut taps = 0;
+    for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
+        let t = std::fs::read_link(e.unwrap().path()).unwrap();
+        let t = t.to_string_lossy();
+        if t == "/dev/net/tun" {
+            taps += 1;
+            continue;
+        }
+        let ok = t.starts_with("socket:")
+            || t.starts_with("anon_inode:")
+            || t.starts_with("pipe:")
+            || t.starts_with("/memfd:")
+            || t.ends_with(".log")
+            || t == "/dev/null";
+        assert!(ok, "unexpected fd -> {t}");
+    }
+    assert_eq!(taps, 2, "one fd per tap queue");
+}
