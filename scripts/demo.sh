@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The main job, end to end: build vhostbox-blk, start it jailed (its default) on a fresh disk
-# image, show the jail from the outside, boot a small Linux guest under QEMU whose stock
-# virtio_blk driver uses it, and show what the guest did and what landed in the image.
+# The main job, end to end: build vhostbox-blk and vhostbox-net, start them jailed (their
+# default) on a fresh disk image and on a tap in a private network namespace, show the jail
+# from the outside, boot a small Linux guest under QEMU whose stock virtio_blk and virtio_net
+# drivers use them, and show what the guest did and what landed in the image.
 #
 #   scripts/demo.sh            (as root on Debian bookworm; installs QEMU 10 and the guest
 #                               pieces with scripts/setup-host.sh on first use)
@@ -23,7 +24,7 @@ if ! have_host; then
     scripts/setup-host.sh
 fi
 
-bold "building vhostbox-blk (release)"
+bold "building vhostbox-blk and vhostbox-net (release)"
 cargo build --release --bins -q
 bin=$root/target/release/vhostbox-blk
 
@@ -43,7 +44,10 @@ echo "\$ vhostbox-blk --socket-path $sock --image $img --num-queues 2 --serial d
 sup=$!
 cleanup() {
     if kill -TERM "$sup" 2>/dev/null; then wait "$sup" 2>/dev/null || true; fi
+    if [ -n "${netsup:-}" ] && kill -TERM "$netsup" 2>/dev/null; then wait "$netsup" 2>/dev/null || true; fi
+    ip netns del "$netns" 2>/dev/null || true
 }
+netns=vhostbox-demo-$$
 trap cleanup EXIT
 for _ in $(seq 200); do [ -S "$sock" ] && break; sleep 0.05; done
 [ -S "$sock" ] || { cat "$out/blk.log"; echo "demo: the backend did not start" >&2; exit 1; }
@@ -67,9 +71,22 @@ if [ -n "$worker" ]; then
     done
 fi
 
-bold "booting the guest on it (QEMU, TCG); the guest's output follows"
+bold "starting vhostbox-net, jailed, on a tap in a private network namespace"
+netsock=$out/net.sock
+ip netns add "$netns"
+echo "\$ ip netns exec $netns vhostbox-net --socket-path $netsock --tap vbxdemo0 --queue-pairs 2"
+ip netns exec "$netns" "$root/target/release/vhostbox-net" --socket-path "$netsock" --tap vbxdemo0 \
+    --queue-pairs 2 2>"$out/net.log" &
+netsup=$!
+for _ in $(seq 200); do [ -S "$netsock" ] && ip netns exec "$netns" ip link show vbxdemo0 >/dev/null 2>&1 && break; sleep 0.05; done
+ip netns exec "$netns" ip addr add 10.78.0.1/24 dev vbxdemo0
+ip netns exec "$netns" ip link set vbxdemo0 up
+echo "host end of the tap: $(ip netns exec "$netns" ip -brief addr show vbxdemo0)"
+
+bold "booting the guest on them (QEMU, TCG); the guest's output follows"
 scripts/mk-overlay.sh "$out/demo.cpio.gz" scripts/guest/blk-demo.sh:/demo.sh
 scripts/run-guest.sh --overlay "$out/demo.cpio.gz" --blk "$sock" --blk-queues 2 --cpus 2 \
+    --net "$netsock" --net-queues 2 \
     --result "$out/summary.txt" --console "$out/console.txt" --timeout 300 || true
 sed -n '/== the disk/,$p' "$out/console.txt" | grep -v -E '^\[ *[0-9]+\.[0-9]+\]' || true
 
@@ -80,13 +97,14 @@ bold "on the host: the guest's ext4 file system, read from the image"
 debugfs -R "ls -l /" "$img" 2>/dev/null | sed 's/^/    /'
 debugfs -R "cat /hello.txt" "$img" 2>/dev/null | sed 's/^/    hello.txt: /'
 
-bold "the backend's log"
+bold "the backends' logs"
 cleanup
 trap - EXIT
 sed 's/^/    /' "$out/blk.log"
+sed 's/^/    /' "$out/net.log"
 
 if grep -q "DEMO done" "$out/summary.txt" && ! grep -q "fail" "$out/summary.txt"; then
-    bold "demo ok: the guest used a disk served by a jailed vhostbox-blk"
+    bold "demo ok: the guest used a disk and a NIC served by jailed vhostbox-blk and vhostbox-net"
 else
     bold "demo FAILED: see $out/console.txt and $out/blk.log"
     exit 1

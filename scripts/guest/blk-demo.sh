@@ -120,7 +120,23 @@ if mkfs.ext4 -q -F "$DEV" && mount -t ext4 "$DEV" "$MNT"; then
 fi
 say "file system: $ok_fs"
 
+ok_net=none
+if [ -d /sys/class/net/eth0 ]; then
+    title "the NIC: eth0 (virtio_net on vhostbox-net)"
+    ok_net=fail
+    ip link set eth0 up && ip addr add 10.78.0.2/24 dev eth0
+    say "mac $(cat /sys/class/net/eth0/address), mtu $(cat /sys/class/net/eth0/mtu), $(ls -d /sys/class/net/eth0/queues/rx-* | wc -l) queue pair(s)"
+    f=$(cat /sys/class/net/eth0/device/features)
+    bit() { [ "$(echo "$f" | cut -c$(($1 + 1)))" = 1 ] && printf ' %s' "$2"; }
+    say "negotiated:$(bit 0 CSUM)$(bit 1 GUEST_CSUM)$(bit 7 GUEST_TSO4)$(bit 11 HOST_TSO4)$(bit 15 MRG_RXBUF)$(bit 22 MQ)$(bit 29 EVENT_IDX)$(bit 32 VERSION_1)"
+    if out=$(ping -c 3 -W 5 10.78.0.1 2>&1); then
+        ok_net=ok
+        say "ping 10.78.0.1 (the tap's host end): $(echo "$out" | tail -n 1)"
+    fi
+    say "network: $ok_net"
+fi
+
 title "summary"
-say "disk $(human $((sectors * 512))), $queues queue(s), fio verify $ok_fio, ext4 $ok_fs"
+say "disk $(human $((sectors * 512))), $queues queue(s), fio verify $ok_fio, ext4 $ok_fs, network $ok_net"
 say "done"
-[ "$ok_fio" = ok ] && [ "$ok_fs" = ok ]
+[ "$ok_fio" = ok ] && [ "$ok_fs" = ok ] && [ "$ok_net" != fail ]
