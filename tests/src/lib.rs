@@ -181,3 +181,36 @@ pub fn pattern(buf: &mut [u8], lba: u64, gen: u64) {
         chunk.copy_from_slice(&b[..chunk.len()]);
     }
 }
+
+/// The repository root.
+pub fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+/// The guest for VM tests (build/guest), or None when they are skipped on purpose
+/// (VHOSTBOX_SKIP_VM=1, said loudly). Without a guest and without that, it panics.
+pub fn guest_dir() -> Option<PathBuf> {
+    let dir = repo().join("build/guest");
+    if dir.join("vmlinux").exists() && dir.join("initramfs.cpio.gz").exists() {
+        return Some(dir);
+    }
+    if std::env::var("VHOSTBOX_SKIP_VM").as_deref() == Ok("1") {
+        eprintln!(
+            "VM TEST SKIPPED (VHOSTBOX_SKIP_VM=1): no guest in {}",
+            dir.display()
+        );
+        return None;
+    }
+    panic!(
+        "no guest in {}: run scripts/build-guest.sh (or set VHOSTBOX_SKIP_VM=1 to skip VM tests)",
+        dir.display()
+    );
+}
+
+/// The value of `RESULT KEY VALUE` in a guest's result channel.
+pub fn result_value<'a>(results: &'a str, key: &str) -> Option<&'a str> {
+    results
+        .lines()
+        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
+        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
+}

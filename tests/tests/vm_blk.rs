@@ -10,37 +10,14 @@
 //! unless VHOSTBOX_SKIP_VM=1, when they say loudly that they did not run.
 
 use std::fs;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-use vhostbox_tests::{pattern, Backend};
+use vhostbox_tests::{guest_dir, pattern, repo, result_value, Backend};
 
 const BLK: &str = "vhostbox-blk";
 const DISK_MB: u64 = 64;
 const RO_MB: u64 = 8;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-/// The guest directory, or None when VM tests are skipped on purpose.
-fn guest_dir() -> Option<PathBuf> {
-    let dir = repo().join("build/guest");
-    if dir.join("vmlinux").exists() && dir.join("initramfs.cpio.gz").exists() {
-        return Some(dir);
-    }
-    if std::env::var("VHOSTBOX_SKIP_VM").as_deref() == Ok("1") {
-        eprintln!(
-            "VM TEST SKIPPED (VHOSTBOX_SKIP_VM=1): no guest in {}",
-            dir.display()
-        );
-        return None;
-    }
-    panic!(
-        "no guest in {}: run scripts/build-guest.sh (or set VHOSTBOX_SKIP_VM=1 to skip VM tests)",
-        dir.display()
-    );
-}
 
 fn sha256(path: &Path) -> String {
     let out = Command::new("sha256sum")
@@ -53,13 +30,6 @@ fn sha256(path: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn result_value<'a>(results: &'a str, key: &str) -> Option<&'a str> {
-    results
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
 }
 
 fn vm_disk_test(engine: &str) {

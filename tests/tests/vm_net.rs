@@ -13,13 +13,13 @@
 use std::fs;
 use std::io::{Read, Write};
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vhostbox_tests::netns::NetNs;
-use vhostbox_tests::{pattern, Backend};
+use vhostbox_tests::{guest_dir, pattern, repo, result_value, Backend};
 
 const NET: &str = "vhostbox-net";
 const TAP: &str = "vmtap0";
@@ -27,28 +27,6 @@ const HOST_IP: &str = "10.77.0.1";
 const GUEST_IP: &str = "10.77.0.2";
 const MTU: &str = "4000";
 const XFER: usize = 16 << 20;
-
-fn repo() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("..")
-}
-
-fn guest_dir() -> Option<PathBuf> {
-    let dir = repo().join("build/guest");
-    if dir.join("vmlinux").exists() && dir.join("initramfs.cpio.gz").exists() {
-        return Some(dir);
-    }
-    if std::env::var("VHOSTBOX_SKIP_VM").as_deref() == Ok("1") {
-        eprintln!(
-            "VM TEST SKIPPED (VHOSTBOX_SKIP_VM=1): no guest in {}",
-            dir.display()
-        );
-        return None;
-    }
-    panic!(
-        "no guest in {}: run scripts/build-guest.sh (or set VHOSTBOX_SKIP_VM=1 to skip VM tests)",
-        dir.display()
-    );
-}
 
 fn sha256_of(data: &[u8], scratch: &Path) -> String {
     fs::write(scratch, data).unwrap();
@@ -58,13 +36,6 @@ fn sha256_of(data: &[u8], scratch: &Path) -> String {
         .next()
         .unwrap()
         .to_string()
-}
-
-fn result_value<'a>(results: &'a str, key: &str) -> Option<&'a str> {
-    results
-        .lines()
-        .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
-        .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
 }
 
 /// Guest feature bits that must be negotiated (positions in the sysfs features string).
