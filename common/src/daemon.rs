@@ -296,6 +296,12 @@ pub trait Device {
     fn shim(&mut self) -> Option<&mut crate::vu_shim::Shim> {
         None
     }
+
+    /// What to run when SIGTERM or SIGINT stops the connection, before the frontend is cut
+    /// off: a device with requests in flight completes them there.
+    fn drainer(&self, _backend: &Self::Backend) -> Option<Box<dyn Fn() + Send>> {
+        None
+    }
 }
 
 /// [`serve`], as a process exit code: 0 after a clean end, 1 (logged) otherwise.
@@ -330,9 +336,11 @@ pub fn serve_unconfined<D: Device>(
 struct ShutdownState {
     requested: AtomicBool,
     wake: OwnedFd,
-    connection: Mutex<Option<ShutdownHandle>>,
+    connection: Mutex<Option<(ShutdownHandle, Option<Drainer>)>>,
     listen_fd: RawFd,
 }
+
+type Drainer = Box<dyn Fn() + Send>;
 
 /// Blocks SIGTERM, SIGINT and SIGHUP in the calling thread (and every thread it creates later).
 /// Call first thing in main: a signal that arrives while the socket is being bound then waits
@@ -391,12 +399,15 @@ fn start_signal_thread(listen_fd: RawFd) -> io::Result<Arc<ShutdownState>> {
             let one = 1u64;
             // SAFETY: writes 8 bytes from a u64 we own to our eventfd.
             unsafe { libc::write(st.wake.as_raw_fd(), (&one as *const u64).cast(), 8) };
-            if let Some(h) = st
+            if let Some((h, drain)) = st
                 .connection
                 .lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .as_ref()
             {
+                if let Some(d) = drain {
+                    d();
+                }
                 h.shutdown();
             }
             // Wakes an accept() that raced with the signal. SAFETY: plain syscall on our fd.
@@ -494,7 +505,9 @@ pub fn serve<D: Device>(
             warn!("accepting a frontend failed: {e}");
             continue;
         }
-        *st.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon.shutdown_handle();
+        *st.connection.lock().unwrap_or_else(|e| e.into_inner()) = daemon
+            .shutdown_handle()
+            .map(|h| (h, device.drainer(&backend)));
         if st.requested.load(Ordering::SeqCst) {
             daemon.request_shutdown();
         }

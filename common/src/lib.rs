@@ -3,6 +3,7 @@
 //! logging.
 
 pub mod daemon;
+pub mod inflight;
 pub mod logging;
 pub mod sandbox;
 pub mod size;

@@ -11,6 +11,10 @@
 //! SET_FEATURES. So until SET_FEATURES has gone by, the relay answers SET_VRING_ENABLE itself
 //! (an ack when one is asked for) and forwards everything else, file descriptors included.
 //!
+//! A device may add a [`Hook`] that sees every frontend message first and may answer it
+//! itself: vhostbox-blk answers the in-flight tracking messages (GET_INFLIGHT_FD and
+//! SET_INFLIGHT_FD) there, which vhost-user-backend does not implement.
+//!
 //! The relay sits between the frontend's connection and a pre-connected socket pair that the
 //! library accepts from a private abstract-namespace listener. Both are made before the jail,
 //! so the jailed worker needs no syscall it did not already have (accept, recvmsg, sendmsg,
@@ -41,6 +45,20 @@ pub struct Shim {
     listener: Listener,
     client: Option<UnixStream>,
     addr: SocketAddr,
+    hook: Option<Box<dyn Hook>>,
+}
+
+/// What the relay does with a frontend message.
+pub enum Action {
+    /// Pass it on to vhost-user-backend.
+    Forward,
+    /// Answer the frontend with this message (or nothing) and do not pass it on.
+    Answer(Option<Msg>),
+}
+
+/// Sees each frontend message before the library does.
+pub trait Hook: Send {
+    fn on_frontend(&mut self, msg: &mut Msg) -> Action;
 }
 
 impl Shim {
@@ -60,6 +78,7 @@ impl Shim {
             listener: Listener::from(l),
             client: None,
             addr,
+            hook: None,
         };
         s.rearm()?;
         Ok(s)
@@ -80,6 +99,11 @@ impl Shim {
         v
     }
 
+    /// The hook for the next connection (each connection takes it).
+    pub fn set_hook(&mut self, hook: Box<dyn Hook>) {
+        self.hook = Some(hook);
+    }
+
     /// Relays `frontend` to the queued connection on a thread; returns the listener to hand to
     /// the library, which accepts that connection.
     pub fn relay(&mut self, frontend: UnixStream) -> io::Result<&mut Listener> {
@@ -87,22 +111,48 @@ impl Shim {
             .client
             .take()
             .ok_or_else(|| io::Error::other("relay already used; no queued connection"))?;
+        let hook = self.hook.take();
         std::thread::Builder::new()
             .name("vu-relay".into())
-            .spawn(move || relay(frontend, backend))?;
+            .spawn(move || relay(frontend, backend, hook))?;
         Ok(&mut self.listener)
     }
 }
 
-struct Msg {
+/// One vhost-user message: the 12-byte header, the payload and the fds that came with it.
+pub struct Msg {
     hdr: [u8; 12],
-    payload: Vec<u8>,
-    fds: Vec<OwnedFd>,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
 }
 
 impl Msg {
     fn field(&self, i: usize) -> u32 {
         u32::from_le_bytes(self.hdr[4 * i..4 * i + 4].try_into().unwrap())
+    }
+
+    /// The request code.
+    pub fn request(&self) -> u32 {
+        self.field(0)
+    }
+
+    /// Whether the frontend asked for an acknowledgement (REPLY_ACK).
+    pub fn needs_reply(&self) -> bool {
+        self.field(1) & FLAG_NEED_REPLY != 0
+    }
+
+    /// A reply to `request` carrying `payload` and `fds`.
+    pub fn reply(request: u32, payload: Vec<u8>, fds: Vec<OwnedFd>) -> Msg {
+        let mut hdr = [0u8; 12];
+        hdr[0..4].copy_from_slice(&request.to_le_bytes());
+        hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
+        hdr[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        Msg { hdr, payload, fds }
+    }
+
+    /// The REPLY_ACK answer: 0 for success, anything else for failure.
+    pub fn ack(request: u32, ok: bool) -> Msg {
+        Self::reply(request, u64::from(!ok).to_le_bytes().to_vec(), Vec::new())
     }
 }
 
@@ -167,7 +217,7 @@ fn write_msg(s: &UnixStream, m: &Msg) -> io::Result<()> {
     Ok(())
 }
 
-fn relay(frontend: UnixStream, backend: UnixStream) {
+fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hook>>) {
     let mut features_set = false;
     let r = (|| -> io::Result<()> {
         loop {
@@ -192,26 +242,25 @@ fn relay(frontend: UnixStream, backend: UnixStream) {
                 return Err(e);
             }
             if p[0].revents != 0 {
-                let Some(m) = read_msg(&frontend)? else {
+                let Some(mut m) = read_msg(&frontend)? else {
                     return Ok(());
                 };
                 let req = m.field(0);
+                if let Some(h) = hook.as_mut() {
+                    if let Action::Answer(reply) = h.on_frontend(&mut m) {
+                        if let Some(r) = reply {
+                            write_msg(&frontend, &r)?;
+                        }
+                        continue;
+                    }
+                }
                 if req == SET_FEATURES {
                     features_set = true;
                 }
                 if req == SET_VRING_ENABLE && !features_set {
                     debug!("relay: SET_VRING_ENABLE before SET_FEATURES answered here");
-                    if m.field(1) & FLAG_NEED_REPLY != 0 {
-                        let mut hdr = [0u8; 12];
-                        hdr[0..4].copy_from_slice(&req.to_le_bytes());
-                        hdr[4..8].copy_from_slice(&(FLAG_VERSION | FLAG_REPLY).to_le_bytes());
-                        hdr[8..12].copy_from_slice(&8u32.to_le_bytes());
-                        let ack = Msg {
-                            hdr,
-                            payload: vec![0; 8],
-                            fds: Vec::new(),
-                        };
-                        write_msg(&frontend, &ack)?;
+                    if m.needs_reply() {
+                        write_msg(&frontend, &Msg::ack(req, true))?;
                     }
                     continue;
                 }

@@ -8,7 +8,7 @@
 
 use std::io;
 
-use vm_memory::{Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
 pub const VIRTIO_BLK_T_IN: u32 = 0;
 pub const VIRTIO_BLK_T_OUT: u32 = 1;
@@ -117,6 +117,93 @@ pub struct Request {
 pub type ParseResult = Result<Request, (RequestError, Option<GuestAddress>)>;
 
 /// Limits the parser enforces.
+const VRING_DESC_F_NEXT: u16 = 1;
+const VRING_DESC_F_WRITE: u16 = 2;
+const VRING_DESC_F_INDIRECT: u16 = 4;
+
+/// Why a descriptor chain ended early.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum ChainError {
+    #[error("descriptor index {0} beyond a table of {1}")]
+    IndexOutOfRange(u16, u16),
+    #[error("descriptor at {0:#x} not in guest memory")]
+    Unreadable(u64),
+    #[error("chain longer than its table (a loop?)")]
+    TooLong,
+    #[error("indirect descriptor inside an indirect table")]
+    NestedIndirect,
+    #[error("indirect table of {0} bytes")]
+    BadIndirectTable(u32),
+    #[error("chain longer than 4 GiB")]
+    TooManyBytes,
+}
+
+/// Reads the chain starting at `head` of the split-ring descriptor table at `table` (with
+/// `queue_size` entries) into `out`, following NEXT links and one level of indirection, with
+/// the rules of virtio 1.2 2.7.5: at most `queue_size` descriptors (of the indirect table's
+/// size inside one), no indirect descriptor inside an indirect table, at most 4 GiB in all.
+/// On error `out` holds the descriptors read before it (the chain is then treated as cut short).
+pub fn walk_chain<M>(
+    mem: &M,
+    table: GuestAddress,
+    queue_size: u16,
+    head: u16,
+    out: &mut Vec<Desc>,
+) -> Result<(), ChainError>
+where
+    M: GuestMemory + GuestMemoryBackend + ?Sized,
+{
+    out.clear();
+    let (mut table, mut size, mut next) = (table, queue_size, head);
+    let mut ttl = queue_size;
+    let mut indirect = false;
+    let mut bytes: u32 = 0;
+    loop {
+        if next >= size {
+            return Err(ChainError::IndexOutOfRange(next, size));
+        }
+        if ttl == 0 {
+            return Err(ChainError::TooLong);
+        }
+        let at = table
+            .checked_add(u64::from(next) * 16)
+            .ok_or(ChainError::Unreadable(table.0))?;
+        let mut raw = [0u8; 16];
+        mem.read_slice(&mut raw, at)
+            .map_err(|_| ChainError::Unreadable(at.0))?;
+        let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
+        let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
+        let flags = u16::from_le_bytes(raw[12..14].try_into().unwrap());
+        let link = u16::from_le_bytes(raw[14..16].try_into().unwrap());
+        if flags & VRING_DESC_F_INDIRECT != 0 {
+            if indirect {
+                return Err(ChainError::NestedIndirect);
+            }
+            if len % 16 != 0 || len == 0 || len / 16 > u32::from(u16::MAX) {
+                return Err(ChainError::BadIndirectTable(len));
+            }
+            // The rest of the chain is the indirect table; a NEXT flag here is ignored.
+            indirect = true;
+            table = GuestAddress(addr);
+            size = (len / 16) as u16;
+            ttl = size;
+            next = 0;
+            continue;
+        }
+        bytes = bytes.checked_add(len).ok_or(ChainError::TooManyBytes)?;
+        out.push(Desc {
+            addr,
+            len,
+            write: flags & VRING_DESC_F_WRITE != 0,
+        });
+        if flags & VRING_DESC_F_NEXT == 0 {
+            return Ok(());
+        }
+        ttl -= 1;
+        next = link;
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub capacity_sectors: u64,

@@ -5,7 +5,7 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 
-use log::debug;
+use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
@@ -17,6 +17,8 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use vhostbox_common::daemon::{config_slice, Device, ExitEvents};
+use vhostbox_common::inflight::{InflightFd, InflightHook, InflightSlot};
+use vhostbox_common::vu_shim::Shim;
 
 use crate::engine::{Engine, EngineKind, SyncEngine, UringEngine};
 use crate::worker::{GuestMem, QueueWorker, Shared, MAX_DISCARD_SEGMENTS};
@@ -112,6 +114,8 @@ pub struct BlkBackend {
     acked: AtomicU64,
     event_idx: AtomicBool,
     pool: Arc<Mutex<Vec<Option<Engine>>>>,
+    /// The in-flight region the frontend set, if any.
+    inflight: Arc<InflightSlot>,
 }
 
 impl BlkBackend {
@@ -144,6 +148,22 @@ impl BlkBackend {
             // before it queued requests that use it) must be visible to the next pass.
             let mem = self.memory()?;
             let queue = state.get_queue_mut();
+            if queue.ready() && !worker.tracking_started() {
+                let tracker = self.inflight.get().and_then(|r| {
+                    let t = r.queue(queue_index, queue.size());
+                    if t.is_none() {
+                        warn!(
+                            "in-flight region of {} queues of {} does not cover queue \
+                             {queue_index} of {}: not tracking it",
+                            r.num_queues(),
+                            r.queue_size(),
+                            queue.size()
+                        );
+                    }
+                    t
+                });
+                used |= worker.start_tracking(tracker, queue, &mem)?;
+            }
             used |= if completions {
                 worker.process_completions(queue, &mem)?
             } else if queue.ready() {
@@ -160,6 +180,56 @@ impl BlkBackend {
             state.signal_used_queue()?;
         }
         Ok(())
+    }
+
+    /// Completes what is in flight on queue `q` so the ring state the frontend reads back
+    /// (GET_VRING_BASE) is final.
+    fn stop_queue(&self, q: usize, worker: &mut QueueWorker) -> io::Result<()> {
+        if worker.in_flight() == 0 {
+            return Ok(());
+        }
+        let vring = self.vrings[q]
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let (Some(vring), Ok(mem)) = (vring, self.memory()) else {
+            worker.abandon();
+            return Ok(());
+        };
+        let mut state = vring.get_mut();
+        if worker.drain(state.get_queue_mut(), &mem)? {
+            state.signal_used_queue()?;
+        }
+        Ok(())
+    }
+
+    /// A clean stop: takes no new requests, completes and publishes every request in flight
+    /// and tells the guest, so nothing is left for a successor to redo.
+    pub fn drain_all(&self) {
+        for q in 0..self.workers.len() {
+            let mut worker = self.workers[q].lock().unwrap_or_else(|e| e.into_inner());
+            worker.quiesce();
+            if worker.in_flight() == 0 {
+                continue;
+            }
+            let vring = self.vrings[q]
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            let (Some(vring), Ok(mem)) = (vring, self.memory()) else {
+                continue;
+            };
+            let n = worker.in_flight();
+            let mut state = vring.get_mut();
+            match worker.drain(state.get_queue_mut(), &mem) {
+                Ok(true) => {
+                    let _ = state.signal_used_queue();
+                    debug!("queue {q}: {n} request(s) completed before stopping");
+                }
+                Ok(false) => {}
+                Err(e) => warn!("queue {q}: draining: {e}"),
+            }
+        }
     }
 }
 
@@ -203,6 +273,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::REPLY_ACK
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::INFLIGHT_SHMFD
     }
 
     fn set_event_idx(&self, enabled: bool) {
@@ -257,24 +328,10 @@ impl VhostUserBackend for BlkBackend {
             return Ok(());
         };
         let mut worker = w.lock().unwrap_or_else(|e| e.into_inner());
-        if worker.in_flight() == 0 {
-            return Ok(());
-        }
-        let vring = self.vrings[q]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        let (Some(vring), Ok(mem)) = (vring, self.memory()) else {
-            worker.abandon();
-            return Ok(());
-        };
-        // Complete what is in flight so the ring state the frontend reads back is final.
-        let mut state = vring.get_mut();
-        let used = worker.drain(state.get_queue_mut(), &mem)?;
-        if used {
-            state.signal_used_queue()?;
-        }
-        Ok(())
+        let r = self.stop_queue(q, &mut worker);
+        // A restarted queue takes tracking up again, from the region current then.
+        worker.stop_tracking();
+        r
     }
 
     fn handle_event(
@@ -308,6 +365,10 @@ pub struct BlkDevice {
     pool: Arc<Mutex<Vec<Option<Engine>>>>,
     exit: Arc<ExitEvents>,
     default_writeback: bool,
+    /// The relay in front of vhost-user-backend that answers the in-flight messages.
+    shim: Shim,
+    /// The in-flight region for the next connection, made before any sandbox.
+    inflight_fd: Option<Arc<InflightFd>>,
 }
 
 impl BlkDevice {
@@ -326,12 +387,15 @@ impl BlkDevice {
             });
         }
         let default_writeback = shared.writeback.load(Ordering::Relaxed);
+        let inflight_fd = Arc::new(InflightFd::new(cfg.num_queues, cfg.queue_size)?);
         Ok(Self {
             shared,
             cfg,
             pool: Arc::new(Mutex::new(pool)),
             exit: Arc::new(ExitEvents::new(n)?),
             default_writeback,
+            shim: Shim::new()?,
+            inflight_fd: Some(inflight_fd),
         })
     }
 }
@@ -340,6 +404,8 @@ impl BlkDevice {
     /// Every fd the device holds (rings, completion and exit eventfds): the jail's keep-list.
     pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
         let mut v = self.exit.raw_fds();
+        v.extend(self.shim.fds());
+        v.extend(self.inflight_fd.as_ref().map(|f| f.raw_fd()));
         let pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         for e in pool.iter().flatten() {
             v.extend(e.fds());
@@ -364,6 +430,21 @@ impl Device for BlkDevice {
         self.shared
             .writeback
             .store(self.default_writeback, Ordering::Relaxed);
+        // Each connection gets its own region: a frontend that comes back later brings its own
+        // and must not find another frontend's state in it. A jailed worker serves one
+        // connection with the region made before the jail; unconfined, one is made here.
+        let inflight = Arc::new(InflightSlot::default());
+        let fd = match self.inflight_fd.take() {
+            Some(f) => Ok(f),
+            None => InflightFd::new(self.cfg.num_queues, self.cfg.queue_size).map(Arc::new),
+        };
+        match fd {
+            Ok(fd) => self.shim.set_hook(Box::new(InflightHook {
+                fd,
+                slot: inflight.clone(),
+            })),
+            Err(e) => warn!("no in-flight tracking for this connection: {e}"),
+        }
         let mut pool = self.pool.lock().unwrap_or_else(|e| e.into_inner());
         let n = usize::from(self.cfg.num_queues);
         let mem: Arc<MemSlot> = Arc::new(RwLock::new(None));
@@ -386,7 +467,17 @@ impl Device for BlkDevice {
             acked: AtomicU64::new(0),
             event_idx: AtomicBool::new(false),
             pool: self.pool.clone(),
+            inflight,
         }))
+    }
+
+    fn shim(&mut self) -> Option<&mut Shim> {
+        Some(&mut self.shim)
+    }
+
+    fn drainer(&self, backend: &Arc<BlkBackend>) -> Option<Box<dyn Fn() + Send>> {
+        let b = backend.clone();
+        Some(Box::new(move || b.drain_all()))
     }
 
     fn attach(

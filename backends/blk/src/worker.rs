@@ -5,15 +5,17 @@ use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
-use log::{debug, warn};
+use log::{debug, info, warn};
+use vhostbox_common::inflight::QueueTracker;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
 use crate::disk::{Disk, DiskKind};
 use crate::engine::{Completion, Engine, Op, Outcome};
 use crate::request::{
-    self, Desc, Limits, Request, RequestType, Segment, SECTOR_SHIFT, VIRTIO_BLK_ID_BYTES,
-    VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+    self, ChainError, Desc, Limits, Request, RequestType, Segment, SECTOR_SHIFT,
+    VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
+    VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 
 /// Guest memory as the backend maps it (no dirty bitmap).
@@ -38,6 +40,8 @@ pub struct Shared {
 pub struct Stats {
     pub requests: AtomicU64,
     pub errors: AtomicU64,
+    /// Requests a previous worker left in flight and this process submitted again.
+    pub resubmitted: AtomicU64,
 }
 
 struct Slot {
@@ -67,6 +71,12 @@ pub struct QueueWorker {
     segs: Vec<Segment>,
     done: Vec<Completion>,
     logged_errors: u32,
+    /// In-flight tracking in the frontend's shared region, when it set one.
+    tracker: Option<QueueTracker>,
+    /// Whether tracking was taken up since the queue (re)started.
+    tracking_started: bool,
+    /// Set when the worker is being stopped: no new requests are taken.
+    stopping: bool,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
@@ -94,6 +104,9 @@ impl QueueWorker {
             segs: Vec::with_capacity(16),
             done: Vec::with_capacity(n as usize),
             logged_errors: 0,
+            tracker: None,
+            tracking_started: false,
+            stopping: false,
             more: false,
             mem_source: None,
         }
@@ -121,19 +134,15 @@ impl QueueWorker {
         queue
             .disable_notification(&**mem)
             .map_err(io::Error::other)?;
-        while !self.free.is_empty() {
+        while !self.free.is_empty() && !self.stopping {
             let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
                 break;
             };
             let head = chain.head_index();
-            self.descs.clear();
-            for d in chain {
-                self.descs.push(Desc {
-                    addr: d.addr().0,
-                    len: d.len(),
-                    write: d.is_write_only(),
-                });
+            if let Some(t) = self.tracker.as_mut() {
+                t.begin(head);
             }
+            self.read_chain(head, queue, mem);
             used |= self.start(head, queue, mem)?;
         }
         if let Some(e) = self.engine.as_mut() {
@@ -150,6 +159,100 @@ impl QueueWorker {
             self.more = true;
         }
         Ok(used)
+    }
+
+    /// Reads chain `head` into `self.descs`; a chain that ends early is parsed as far as it
+    /// goes (and then usually lacks its status byte).
+    fn read_chain(&mut self, head: u16, queue: &Queue, mem: &GuestMem) {
+        let table = GuestAddress(queue.desc_table());
+        if let Err(e) = request::walk_chain(mem, table, queue.size(), head, &mut self.descs) {
+            self.note_chain_error(head, e);
+        }
+    }
+
+    fn note_chain_error(&mut self, head: u16, e: ChainError) {
+        debug!("descriptor chain {head}: {e}");
+    }
+
+    /// Whether in-flight tracking was taken up since the queue started.
+    pub fn tracking_started(&self) -> bool {
+        self.tracking_started
+    }
+
+    /// Takes up in-flight tracking for a queue that just started: with `tracker` (the queue's
+    /// part of the frontend's region), resubmits what a previous worker left in flight, oldest
+    /// first, and moves the ring position to just past what was taken from it, before any new
+    /// request. Returns whether used entries were added.
+    pub fn start_tracking(
+        &mut self,
+        tracker: Option<QueueTracker>,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> io::Result<bool> {
+        self.tracking_started = true;
+        self.tracker = tracker;
+        let Some(t) = self.tracker.as_mut() else {
+            return Ok(false);
+        };
+        let ring_used = queue
+            .used_idx(&**mem, Ordering::Acquire)
+            .map_err(io::Error::other)?
+            .0;
+        let rec = t.recover(ring_used);
+        if rec.repaired > 0 {
+            info!(
+                "in-flight region: {} request(s) completed just before the previous worker \
+                 ended",
+                rec.repaired
+            );
+        }
+        if let Some(next) = rec.next_avail {
+            if next != queue.next_avail() {
+                debug!(
+                    "queue resumes at avail index {next} (the frontend's base was {})",
+                    queue.next_avail()
+                );
+            }
+            queue.set_next_avail(next);
+            queue.set_next_used(ring_used);
+        }
+        if rec.resubmit.is_empty() {
+            return Ok(false);
+        }
+        info!(
+            "resubmitting {} request(s) the previous worker left in flight",
+            rec.resubmit.len()
+        );
+        self.shared
+            .stats
+            .resubmitted
+            .fetch_add(rec.resubmit.len() as u64, Ordering::Relaxed);
+        let mut used = false;
+        for head in rec.resubmit {
+            // Cannot run out: the heads are distinct descriptor indices of this queue.
+            if self.free.is_empty() {
+                warn!("no room to resubmit request {head}");
+                break;
+            }
+            self.read_chain(head, queue, mem);
+            used |= self.start(head, queue, mem)?;
+        }
+        if let Some(e) = self.engine.as_mut() {
+            e.kick()?;
+        }
+        Ok(used)
+    }
+
+    /// The queue stopped (GET_VRING_BASE): tracking is taken up again when it restarts, from
+    /// whatever region is current then.
+    pub fn stop_tracking(&mut self) {
+        self.tracker = None;
+        self.tracking_started = false;
+    }
+
+    /// Takes no new requests from now on (a clean shutdown drains what is in flight).
+    pub fn quiesce(&mut self) {
+        self.stopping = true;
     }
 
     /// Where to load the connection's current guest memory from when a request's buffers are
@@ -259,7 +362,7 @@ impl QueueWorker {
     }
 
     fn finish(
-        &self,
+        &mut self,
         queue: &mut Queue,
         mem: &GuestMem,
         head: u16,
@@ -270,9 +373,27 @@ impl QueueWorker {
         // The address was checked when the chain was parsed; a failure here means the memory
         // table changed under us, and the guest then gets whatever its status byte held.
         let _ = mem.write_obj(status, status_addr);
+        self.publish(queue, mem, head, used_len)
+    }
+
+    /// Puts `head` in the used ring, keeping the in-flight region in step.
+    fn publish(
+        &mut self,
+        queue: &mut Queue,
+        mem: &GuestMem,
+        head: u16,
+        used_len: u32,
+    ) -> io::Result<()> {
+        if let Some(t) = self.tracker.as_mut() {
+            t.before_used(head);
+        }
         queue
             .add_used(mem, head, used_len)
-            .map_err(io::Error::other)
+            .map_err(io::Error::other)?;
+        if let Some(t) = self.tracker.as_mut() {
+            t.after_used(head, queue.next_used());
+        }
+        Ok(())
     }
 
     /// Starts one request. Returns true if it completed on the spot (a used entry was added).
@@ -303,7 +424,7 @@ impl QueueWorker {
                 match status {
                     Some(s) => self.finish(queue, mem, head, s, VIRTIO_BLK_S_IOERR, 1)?,
                     // No status byte: the request can only be returned with nothing written.
-                    None => queue.add_used(&**mem, head, 0).map_err(io::Error::other)?,
+                    None => self.publish(queue, mem, head, 0)?,
                 }
                 return Ok(true);
             }
@@ -623,6 +744,102 @@ mod tests {
     fn for_engines(f: impl Fn(EngineKind)) {
         f(EngineKind::Sync);
         f(EngineKind::IoUring);
+    }
+
+    /// A worker that died with requests in flight, one of them completed out of order: its
+    /// successor resubmits exactly the open ones, oldest first, does not redo the completed
+    /// one, ignores the frontend's (stale) ring base and then takes new requests from the
+    /// right place.
+    #[test]
+    fn successor_resubmits_what_was_in_flight() {
+        use vhostbox_common::inflight::{InflightFd, InflightRegion};
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let heads = [0u16, 4, 8, 12];
+            for (k, &h) in heads.iter().enumerate() {
+                let at = 0x1000 * k as u64;
+                header(&e.mem, HDR + at, VIRTIO_BLK_T_OUT, 8 * k as u64);
+                e.mem
+                    .write_slice(&[k as u8 + 1; 4096], GuestAddress(DATA + at))
+                    .unwrap();
+                add_chain(
+                    &vq,
+                    h,
+                    &[
+                        (HDR + at, 16, false),
+                        (DATA + at, 4096, false),
+                        (STATUS + at, 1, true),
+                    ],
+                );
+            }
+            let fd = InflightFd::new(1, QSIZE).unwrap();
+            let size = fd.prepare(1, QSIZE).unwrap();
+            // SAFETY: dup of our own memfd, owned by the new OwnedFd.
+            let dup = unsafe {
+                <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(libc::dup(
+                    fd.raw_fd(),
+                ))
+            };
+            let region = Arc::new(InflightRegion::map(&dup, size, 0, 1, QSIZE).unwrap());
+
+            // The predecessor: takes all four, completes head 4 only, dies.
+            let mut dead: Queue = vq.create_queue().unwrap();
+            let mut t = region.queue(0, QSIZE).unwrap();
+            t.recover(0);
+            for _ in 0..4 {
+                let c = dead.pop_descriptor_chain(&*e.mem).unwrap();
+                t.begin(c.head_index());
+            }
+            t.before_used(4);
+            dead.add_used(&*e.mem, 4, 1).unwrap();
+            t.after_used(4, 1);
+
+            // The successor, told base 1 by the frontend (its used index).
+            let mut q: Queue = vq.create_queue().unwrap();
+            q.set_next_avail(1);
+            q.set_next_used(1);
+            let mut w = worker(&e, kind);
+            w.start_tracking(region.queue(0, QSIZE), &mut q, &e.mem)
+                .unwrap();
+            assert_eq!(q.next_avail(), 4, "{kind:?}: past the four taken");
+            run(&mut w, &mut q, &e.mem);
+            let mut ids: Vec<u32> = (1..q.next_used())
+                .map(|i| {
+                    let at = q.used_ring() + 4 + u64::from(i % QSIZE) * 8;
+                    e.mem.read_obj(GuestAddress(at)).unwrap()
+                })
+                .collect();
+            if kind == EngineKind::IoUring {
+                ids.sort();
+            }
+            assert_eq!(ids, vec![0, 8, 12], "{kind:?}: exactly the open ones");
+            assert_eq!(e.shared.stats.resubmitted.load(Ordering::Relaxed), 3);
+            let img = std::fs::read(&e.path).unwrap();
+            for k in 0..4usize {
+                let want = if k == 1 { 0 } else { k as u8 + 1 };
+                assert!(
+                    img[k * 4096..(k + 1) * 4096].iter().all(|&b| b == want),
+                    "{kind:?}: sector range of request {k}"
+                );
+            }
+            // A new request is taken from avail position 4, not a repeat of 8 or 12.
+            header(&e.mem, HDR + 0x8000, VIRTIO_BLK_T_OUT, 64);
+            add_chain(
+                &vq,
+                20,
+                &[
+                    (HDR + 0x8000, 16, false),
+                    (DATA, 512, false),
+                    (STATUS, 1, true),
+                ],
+            );
+            assert_eq!(run(&mut w, &mut q, &e.mem), vec![(20, 1)]);
+            // Nothing is left marked: a third worker would resubmit nothing.
+            let rec = region.queue(0, QSIZE).unwrap().recover(5);
+            assert!(rec.resubmit.is_empty(), "{kind:?}: {rec:?}");
+            assert_eq!(rec.next_avail, Some(5));
+        });
     }
 
     /// A region the frontend added after a pass loaded its view of guest memory: with a
