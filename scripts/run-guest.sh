@@ -12,6 +12,8 @@
 #     --net-queues Q       queue pairs per NIC (default 1)
 #     --net-mtu N          MTU the NICs offer the guest (host_mtu=; the backend must offer
 #                          VIRTIO_NET_F_MTU too, e.g. vhostbox-net --mtu N)
+#     --reconnect-ms N     QEMU reconnects to a backend socket N ms after losing it (vhost-user
+#                          blk and net then survive a backend restart; default: no reconnect)
 #     --mem MB             guest RAM, a shared memfd (default 512; at least 320: the initramfs
 #                          unpacks to ~90 MB into a tmpfs capped at half the RAM)
 #     --cpus N             vCPUs (default 1)
@@ -44,6 +46,7 @@ nets=()
 blk_queues=2
 net_queues=1
 net_mtu=""
+reconnect=""
 mem=512
 cpus=1
 console=""
@@ -64,6 +67,7 @@ while [ $# -gt 0 ]; do
         --net) need "$@"; nets+=("$2"); shift 2 ;;
         --net-queues) need "$@"; net_queues=$2; shift 2 ;;
         --net-mtu) need "$@"; net_mtu=$2; shift 2 ;;
+        --reconnect-ms) need "$@"; reconnect=$2; shift 2 ;;
         --mem) need "$@"; mem=$2; shift 2 ;;
         --cpus) need "$@"; cpus=$2; shift 2 ;;
         --console) need "$@"; console=$2; shift 2 ;;
@@ -78,7 +82,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 
-for v in blk_queues net_queues mem cpus timeout_s; do
+for v in blk_queues net_queues mem cpus timeout_s ${reconnect:+reconnect}; do
     [[ ${!v} =~ ^[0-9]+$ ]] || die "${v//_/-} must be a number, not '${!v}'"
 done
 if [ "$blk_queues" -lt 1 ] || [ "$net_queues" -lt 1 ] || [ "$mem" -lt 320 ] || [ "$cpus" -lt 1 ]; then
@@ -134,13 +138,13 @@ fi
 
 i=0
 for s in "${blks[@]}"; do
-    cmd+=(-chardev "socket,id=blk$i,path=$s"
+    cmd+=(-chardev "socket,id=blk$i,path=$s${reconnect:+,reconnect-ms=$reconnect}"
         -device "vhost-user-blk-pci,chardev=blk$i,num-queues=$blk_queues")
     i=$((i + 1))
 done
 i=0
 for s in "${nets[@]}"; do
-    cmd+=(-chardev "socket,id=net$i,path=$s"
+    cmd+=(-chardev "socket,id=net$i,path=$s${reconnect:+,reconnect-ms=$reconnect}"
         -netdev "vhost-user,id=net$i,chardev=net$i,queues=$net_queues"
         -device "virtio-net-pci,netdev=net$i,mq=on,vectors=$((2 * net_queues + 2)),mac=$(printf '52:54:00:76:62:%02x' "$i")${net_mtu:+,host_mtu=$net_mtu}")
     i=$((i + 1))

@@ -512,6 +512,7 @@ pub fn serve<D: Device>(
             daemon.request_shutdown();
         }
         info!("frontend connected");
+        crate::sandbox::supervisor::report_serving();
         match daemon.wait() {
             Ok(()) => info!("frontend disconnected"),
             Err(e) if st.requested.load(Ordering::SeqCst) => info!("connection closed: {e}"),

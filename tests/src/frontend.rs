@@ -11,7 +11,7 @@ use std::sync::atomic::{fence, AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag};
+use vhost::vhost_user::message::{VhostUserConfigFlags, VhostUserHeaderFlag, VhostUserInflight};
 use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
@@ -506,6 +506,9 @@ pub struct DeviceOptions {
     pub reply_timeout: Duration,
     /// Send SET_VRING_ENABLE(1) for every queue at connect (with protocol features).
     pub enable_queues: bool,
+    /// Ask for an in-flight region (GET_INFLIGHT_FD) and set it (SET_INFLIGHT_FD) before the
+    /// queues start, as QEMU's vhost-user-blk does, if the backend offers INFLIGHT_SHMFD.
+    pub inflight: bool,
 }
 
 impl Default for DeviceOptions {
@@ -522,6 +525,7 @@ impl Default for DeviceOptions {
             connect_timeout: Duration::from_secs(5),
             reply_timeout: Duration::from_secs(10),
             enable_queues: true,
+            inflight: false,
         }
     }
 }
@@ -533,6 +537,66 @@ pub struct VhostUserDevice {
     queues: Vec<Virtqueue>,
     features: u64,
     protocol_features: u64,
+    opts: DeviceOptions,
+    /// The in-flight region the backend gave (kept across reconnects, as QEMU keeps it).
+    inflight: Option<InflightRegion>,
+}
+
+/// The in-flight region as the frontend holds it: the description, the fd and a mapping.
+pub struct InflightRegion {
+    pub info: VhostUserInflight,
+    pub file: std::fs::File,
+    ptr: *mut u8,
+    len: usize,
+}
+
+// SAFETY: a shared mapping accessed with plain reads and writes from one thread at a time.
+unsafe impl Send for InflightRegion {}
+
+impl InflightRegion {
+    fn map(info: VhostUserInflight, file: std::fs::File) -> io::Result<Self> {
+        let len = info.mmap_size as usize;
+        // SAFETY: maps the region the backend gave, shared, at its offset; checked below.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                file.as_raw_fd(),
+                info.mmap_offset as libc::off_t,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(Self {
+            info,
+            file,
+            ptr: ptr.cast(),
+            len,
+        })
+    }
+
+    /// The region's bytes (the backend writes them concurrently: a snapshot).
+    pub fn bytes(&self) -> Vec<u8> {
+        // SAFETY: reads the whole mapping, which lives as long as self.
+        unsafe { std::slice::from_raw_parts(self.ptr, self.len).to_vec() }
+    }
+
+    /// Writes `data` at `offset`, as a frontend (or a dying backend) could.
+    pub fn write(&self, offset: usize, data: &[u8]) {
+        assert!(offset + data.len() <= self.len);
+        // SAFETY: the range was checked to lie inside the mapping.
+        unsafe { std::ptr::copy_nonoverlapping(data.as_ptr(), self.ptr.add(offset), data.len()) };
+    }
+}
+
+impl Drop for InflightRegion {
+    fn drop(&mut self) {
+        // SAFETY: unmaps the mapping made in `map`.
+        unsafe { libc::munmap(self.ptr.cast(), self.len) };
+    }
 }
 
 impl VhostUserDevice {
@@ -560,7 +624,91 @@ impl VhostUserDevice {
         features_wanted: u64,
         opts: &DeviceOptions,
     ) -> io::Result<Self> {
-        let sock = connect_retry(socket.as_ref(), opts.connect_timeout)?;
+        let (fe, features, protocol_features) =
+            Self::handshake(socket.as_ref(), num_queues, features_wanted, opts)?;
+        let mut layout = vec![(0, opts.mem_size)];
+        layout.extend(opts.extra_region);
+        let mem = Arc::new(GuestMemory::with_regions(&layout)?);
+        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
+        let queues = (0..num_queues)
+            .map(|_| Virtqueue::new(mem.clone(), opts.queue_size, event_idx))
+            .collect::<io::Result<_>>()?;
+        let mut dev = VhostUserDevice {
+            fe,
+            mem,
+            queues,
+            features,
+            protocol_features,
+            opts: opts.clone(),
+            inflight: None,
+        };
+        dev.setup(features_wanted)?;
+        Ok(dev)
+    }
+
+    /// Connects again after the backend went away, keeping guest memory, the rings and the
+    /// in-flight region, as QEMU does with `reconnect-ms`: the same negotiation, then
+    /// SET_INFLIGHT_FD with the region the first backend gave, and every queue restarted at
+    /// its used index (what QEMU falls back to when GET_VRING_BASE cannot be asked).
+    pub fn reconnect(mut self, socket: impl AsRef<Path>) -> io::Result<Self> {
+        let wanted = self.features;
+        let (fe, features, protocol_features) =
+            Self::handshake(socket.as_ref(), self.queues.len(), wanted, &self.opts)?;
+        if features != self.features {
+            return Err(io::Error::other(format!(
+                "features changed across the reconnect: {features:#x} vs {:#x}",
+                self.features
+            )));
+        }
+        self.fe = fe;
+        self.protocol_features = protocol_features;
+        self.setup(wanted)?;
+        Ok(self)
+    }
+
+    /// The in-flight region, if one was negotiated.
+    pub fn inflight(&self) -> Option<&InflightRegion> {
+        self.inflight.as_ref()
+    }
+
+    /// SET_MEM_TABLE, the in-flight region and every queue started (at its used index).
+    fn setup(&mut self, _features_wanted: u64) -> io::Result<()> {
+        vu(
+            "SET_MEM_TABLE",
+            self.fe.set_mem_table(&self.mem.region_infos()),
+        )?;
+        let pf = VhostUserProtocolFeatures::from_bits_truncate(self.protocol_features);
+        if self.opts.inflight && pf.contains(VhostUserProtocolFeatures::INFLIGHT_SHMFD) {
+            if self.inflight.is_none() {
+                let ask =
+                    VhostUserInflight::new(0, 0, self.queues.len() as u16, self.opts.queue_size);
+                let (info, file) = vu("GET_INFLIGHT_FD", self.fe.get_inflight_fd(&ask))?;
+                self.inflight = Some(InflightRegion::map(info, file)?);
+            }
+            let r = self.inflight.as_ref().unwrap();
+            vu(
+                "SET_INFLIGHT_FD",
+                self.fe.set_inflight_fd(&r.info, r.file.as_raw_fd()),
+            )?;
+        }
+        for i in 0..self.queues.len() {
+            let base = self.mem.read_u16(self.queues[i].used + 2);
+            self.start_queue(i, base)?;
+            if self.opts.enable_queues && self.protocol_features != 0 {
+                self.set_vring_enable(i, true)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Opens the socket and negotiates: owner, features, protocol features, queue count.
+    fn handshake(
+        socket: &Path,
+        num_queues: usize,
+        features_wanted: u64,
+        opts: &DeviceOptions,
+    ) -> io::Result<(Frontend, u64, u64)> {
+        let sock = connect_retry(socket, opts.connect_timeout)?;
         sock.set_read_timeout(Some(opts.reply_timeout))?;
         let mut fe = Frontend::from_stream(sock, num_queues as u64);
         vu("SET_OWNER", fe.set_owner())?;
@@ -569,7 +717,11 @@ impl VhostUserDevice {
         let mut protocol_features = 0;
         if features & VHOST_USER_F_PROTOCOL_FEATURES != 0 {
             let pf = vu("GET_PROTOCOL_FEATURES", fe.get_protocol_features())?;
-            let pf = pf & VhostUserProtocolFeatures::from_bits_truncate(opts.protocol_features);
+            let mut wanted = VhostUserProtocolFeatures::from_bits_truncate(opts.protocol_features);
+            if opts.inflight {
+                wanted |= VhostUserProtocolFeatures::INFLIGHT_SHMFD;
+            }
+            let pf = pf & wanted;
             vu("SET_PROTOCOL_FEATURES", fe.set_protocol_features(pf))?;
             if pf.contains(VhostUserProtocolFeatures::MQ) {
                 let n = vu("GET_QUEUE_NUM", fe.get_queue_num())?;
@@ -585,28 +737,7 @@ impl VhostUserDevice {
             protocol_features = pf.bits();
         }
         vu("SET_FEATURES", fe.set_features(features))?;
-        let mut layout = vec![(0, opts.mem_size)];
-        layout.extend(opts.extra_region);
-        let mem = Arc::new(GuestMemory::with_regions(&layout)?);
-        vu("SET_MEM_TABLE", fe.set_mem_table(&mem.region_infos()))?;
-        let event_idx = features & VIRTIO_RING_F_EVENT_IDX != 0;
-        let queues = (0..num_queues)
-            .map(|_| Virtqueue::new(mem.clone(), opts.queue_size, event_idx))
-            .collect::<io::Result<_>>()?;
-        let mut dev = VhostUserDevice {
-            fe,
-            mem,
-            queues,
-            features,
-            protocol_features,
-        };
-        for i in 0..num_queues {
-            dev.start_queue(i, 0)?;
-            if opts.enable_queues && protocol_features != 0 {
-                dev.set_vring_enable(i, true)?;
-            }
-        }
-        Ok(dev)
+        Ok((fe, features, protocol_features))
     }
 
     /// SET_VRING_NUM, _ADDR, _BASE(`base`), _CALL and _KICK for queue `i`: at connect, or to

@@ -125,9 +125,12 @@ pub fn run(cfg: Config) -> i32 {
             log::error!("cannot enter the sandbox: {e}");
             return EXIT_JAIL_FAILED;
         }
-        // Only the first worker probes, so its replacement shows the device still works.
-        if let (Some(p), 1) = (&probe, ctx.generation) {
-            return run_probe(p, &mut device);
+        // Only the first worker probes, so its replacement shows the device still works;
+        // `seccomp-after=N` arms every worker instead.
+        if let Some(p) = &probe {
+            if !arm_crash(p) && ctx.generation == 1 {
+                return run_probe(p, &mut device);
+            }
         }
         daemon::serve_exit_code(NAME, &mut listener, &mut device, true)
     });
@@ -143,6 +146,16 @@ fn ncpus() -> u64 {
 #[cfg(feature = "jail-probe")]
 fn run_probe(name: &str, device: &mut vhu_blk::BlkDevice) -> i32 {
     vhostbox_common::sandbox::probe::run(name, &mut |path| device.probe_uring_openat(path))
+}
+
+#[cfg(feature = "jail-probe")]
+fn arm_crash(spec: &str) -> bool {
+    vhostbox_common::sandbox::probe::arm_crash(spec)
+}
+
+#[cfg(not(feature = "jail-probe"))]
+fn arm_crash(_spec: &str) -> bool {
+    false
 }
 
 #[cfg(not(feature = "jail-probe"))]

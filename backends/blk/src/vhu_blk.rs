@@ -143,12 +143,16 @@ impl BlkBackend {
         let mut state = vring.get_mut();
         let mut used = false;
         let mut completions = completions;
+        let mut restart = false;
         loop {
             // Loaded for every pass: a region the frontend added (ADD_MEM_REG, acknowledged
             // before it queued requests that use it) must be visible to the next pass.
             let mem = self.memory()?;
             let queue = state.get_queue_mut();
             if queue.ready() && !worker.tracking_started() {
+                // A predecessor may have died between publishing completions and notifying
+                // the guest, which would then wait forever: notify once at every start.
+                restart = true;
                 let tracker = self.inflight.get().and_then(|r| {
                     let t = r.queue(queue_index, queue.size());
                     if t.is_none() {
@@ -176,7 +180,7 @@ impl BlkBackend {
             }
             completions = false;
         }
-        if used && state.needs_notification().map_err(io::Error::other)? {
+        if restart || (used && state.needs_notification().map_err(io::Error::other)?) {
             state.signal_used_queue()?;
         }
         Ok(())

@@ -399,6 +399,8 @@ impl QueueWorker {
     /// Starts one request. Returns true if it completed on the spot (a used entry was added).
     fn start(&mut self, head: u16, queue: &mut Queue, mem: &Arc<GuestMem>) -> io::Result<bool> {
         self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
+        #[cfg(feature = "jail-probe")]
+        vhostbox_common::sandbox::probe::tick();
         let limits = Limits {
             capacity_sectors: self.shared.disk.sectors(),
             max_segments: MAX_SEGMENTS,

@@ -6,9 +6,54 @@
 //! Probes (`--jail-probe NAME[=ARG]`): `open-passwd`, `open-old-root=PATH`, `exec-sh`,
 //! `socket-inet`, `socket-netlink`, `kill=PID`, `ptrace=PID`, `mount`, `setuid-root`,
 //! `io-uring-setup`, `io-uring-openat`, `mprotect-exec`, `mmap-exec`.
+//!
+//! One probe fires while serving instead: `seccomp-after=N` makes every worker serve normally
+//! and, after a random number of requests between N/2 and 3N/2, call socket(AF_INET) from the
+//! queue thread, which its seccomp filter answers by killing it mid-I/O. Tests use it to show
+//! that a worker killed by its own filter recovers like any other crash ([`arm_crash`],
+//! [`tick`]).
 
 use std::ffi::{CStr, CString};
 use std::io;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+/// Requests left before the armed worker makes its forbidden call; 0: not armed.
+static CRASH_IN: AtomicU64 = AtomicU64::new(0);
+
+/// If `spec` is `seccomp-after=N`, arms this worker to die after about N requests and returns
+/// true: the worker then serves instead of running a probe.
+pub fn arm_crash(spec: &str) -> bool {
+    let Some(n) = spec
+        .strip_prefix("seccomp-after=")
+        .and_then(|n| n.parse::<u64>().ok())
+        .filter(|&n| n > 0)
+    else {
+        return false;
+    };
+    let mut r = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `r`.
+    unsafe { libc::getrandom(r.as_mut_ptr().cast(), r.len(), 0) };
+    let at = n / 2 + 1 + u64::from_ne_bytes(r) % n;
+    log::warn!("PROBE seccomp-after: this worker makes a forbidden call after {at} requests");
+    CRASH_IN.store(at, Ordering::Relaxed);
+    true
+}
+
+/// Counts one request; the armed worker's last one calls socket(AF_INET), which is not allowed.
+pub fn tick() {
+    let left = CRASH_IN.load(Ordering::Relaxed);
+    if left == 0 {
+        return;
+    }
+    if left == 1 {
+        // SAFETY: socket with integer arguments; seccomp kills the process before it returns.
+        let fd = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+        log::error!("PROBE seccomp-after: socket(AF_INET) returned {fd}: the filter let it pass");
+        // SAFETY: _exit ends the process without unwinding.
+        unsafe { libc::_exit(EXIT_PROBE_SUCCEEDED) };
+    }
+    CRASH_IN.store(left - 1, Ordering::Relaxed);
+}
 
 /// Exit code of a probe whose attempt succeeded (the jail failed).
 pub const EXIT_PROBE_SUCCEEDED: i32 = 4;

@@ -172,6 +172,22 @@ fn push_report(reports: &mut String, bytes: &[u8]) {
 struct Child {
     pid: i32,
     started: Instant,
+    /// The worker said it got as far as serving a frontend.
+    served: bool,
+}
+
+/// What a worker writes on the report channel once a frontend is connected.
+const SERVING: &str = "SERVING\n";
+
+/// Tells the supervisor (if there is one) that this worker serves a frontend: if it dies now,
+/// it is replaced at once, since it is not failing on its way up (which would be retried with
+/// a growing delay).
+pub fn report_serving() {
+    let fd = seccomp::report_fd();
+    if fd >= 0 {
+        // SAFETY: writes a static string to the report socket.
+        unsafe { libc::write(fd, SERVING.as_ptr().cast(), SERVING.len()) };
+    }
 }
 
 /// Runs the supervisor until SIGTERM, SIGINT or SIGHUP. `worker` runs in each forked, not yet
@@ -272,6 +288,12 @@ fn run(
             if let Some(l) = recv_report(report_r.as_raw_fd(), &mut reports) {
                 notif = Some(l);
             }
+            if reports.contains(SERVING) {
+                reports = reports.replace(SERVING, "");
+                if let Some(c) = child.as_mut() {
+                    c.served = true;
+                }
+            }
         }
         if fds[2].revents & libc::POLLIN != 0 {
             if let (Some(l), Some(c)) = (&notif, &child) {
@@ -328,6 +350,7 @@ fn run(
         }
         let pid = c.pid;
         let lived = c.started.elapsed();
+        let served = c.served;
         child = None;
         notif = None;
         if let Some(nr) = notified.take() {
@@ -379,7 +402,11 @@ fn run(
             return Ok(0);
         }
         // A worker that dies right after starting would otherwise be respawned in a tight loop.
-        if lived < Duration::from_secs(2) {
+        // One that died while serving is replaced at once: the frontend is waiting for it.
+        if served {
+            info!("replacing worker {pid}, which was serving a frontend");
+            backoff = Duration::from_millis(50);
+        } else if lived < Duration::from_secs(2) {
             std::thread::sleep(backoff);
             backoff = (backoff * 2).min(Duration::from_secs(5));
         } else {
@@ -468,6 +495,7 @@ fn spawn(
     Ok(Child {
         pid,
         started: Instant::now(),
+        served: false,
     })
 }
 

@@ -1,0 +1,467 @@
+//! VM tests of crash safety: QEMU (TCG, shared memfd RAM) with `reconnect-ms` on its vhost-user
+//! sockets boots the small guest while its backends' jailed workers die under it.
+//!
+//! - blk, SIGKILL: the guest runs fio rounds (random writes of 4-64 KiB, crc32c verify, 2 jobs
+//!   at queue depth 16) while the test kills the worker 20 times, each at a random moment while
+//!   it serves. The guest must see no I/O error and every verify must pass; at the end the
+//!   guest's and the host's SHA-256 of the written area agree, and the backends show that
+//!   requests left in flight were resubmitted from the in-flight region.
+//! - blk, seccomp: the same, but each worker (the test-only jail-probe build,
+//!   `--jail-probe seccomp-after=N`) makes a forbidden syscall mid-I/O and is killed by its own
+//!   filter, 20 times.
+//! - net: the guest pings the host through vhostbox-net while the test kills the worker 5
+//!   times; after each kill the host reaches the guest again, and the guest's own pings get
+//!   through again at the end.
+//!
+//! The guest stops its loop when the test tells it to through the disk itself (a marker in a
+//! sector fio does not touch) or over the network (a TCP port that starts listening).
+
+use std::fs;
+use std::net::TcpListener;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use vhostbox_tests::netns::NetNs;
+use vhostbox_tests::{guest_dir, repo, result_value, Backend};
+
+const RECONNECT_MS: &str = "200";
+const KILLS: usize = 20;
+/// The written area: two fio jobs of 24 MiB at 0 and 32 MiB.
+const AREA_MB: u64 = 64;
+/// The sector (of 4 KiB) the test writes STOP into, outside the area.
+const STOP_BLOCK: u64 = 18432;
+const DISK_MB: u64 = 80;
+
+/// A guest under QEMU, killed (the whole process group) when dropped.
+struct Vm {
+    child: Child,
+    results: PathBuf,
+    console: PathBuf,
+}
+
+impl Vm {
+    fn start(guest: &Path, d: &Path, script: &str, args: &[&str]) -> Vm {
+        let path = d.join("test.sh");
+        fs::write(&path, script).unwrap();
+        let overlay = d.join("overlay.cpio.gz");
+        let st = Command::new(repo().join("scripts/mk-overlay.sh"))
+            .arg(&overlay)
+            .arg(format!("{}:/test.sh", path.display()))
+            .status()
+            .unwrap();
+        assert!(st.success(), "mk-overlay.sh failed");
+        let results = d.join("results.txt");
+        let console = d.join("console.txt");
+        let child = Command::new(repo().join("scripts/run-guest.sh"))
+            .args(["--guest-dir", guest.to_str().unwrap()])
+            .args(["--overlay", overlay.to_str().unwrap()])
+            .args(["--reconnect-ms", RECONNECT_MS, "--cpus", "2"])
+            // No timeout wrapper: it would put QEMU in a process group of its own, out of
+            // reach of Drop. The test's own waits are bounded.
+            .args(["--timeout", "0"])
+            .args(["--result", results.to_str().unwrap()])
+            .args(["--console", console.to_str().unwrap()])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Vm {
+            child,
+            results,
+            console,
+        }
+    }
+
+    fn results(&self) -> String {
+        fs::read_to_string(&self.results).unwrap_or_default()
+    }
+
+    /// Waits for `needle` in the results; false after `secs` or when QEMU ended.
+    fn wait_result(&mut self, needle: &str, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if self.results().contains(needle) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.results().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    fn wait_exit(&mut self, secs: u64) -> Option<ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    /// The results, the console's tail and the backend's log, for failure messages.
+    fn context(&self, backend: &Backend) -> String {
+        let con = fs::read_to_string(&self.console).unwrap_or_default();
+        let tail: Vec<&str> = con.lines().rev().take(50).collect();
+        let log = backend.log();
+        let log_tail: Vec<&str> = log.lines().rev().take(80).collect();
+        format!(
+            "--- results\n{}\n--- console (tail)\n{}\n--- backend log (tail)\n{}",
+            self.results(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            log_tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill() on the process group the child leads.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// A small xorshift generator: random moments without a dependency, seeded from the clock (the
+/// seed is printed so a failing run can be repeated).
+struct Rng(u64);
+
+impl Rng {
+    fn new() -> Rng {
+        let seed = std::env::var("VHOSTBOX_KILL_SEED")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or_else(|| {
+                std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_nanos() as u64
+                    | 1
+            });
+        eprintln!("kill moments: VHOSTBOX_KILL_SEED={seed}");
+        Rng(seed)
+    }
+
+    fn below(&mut self, n: u64) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0 % n
+    }
+}
+
+/// Waits until the backend's log has `n` lines containing `needle`.
+fn wait_count(b: &Backend, needle: &str, n: usize, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if b.log().matches(needle).count() >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}
+
+/// SIGKILLs the current worker and waits until a different one exists.
+fn kill_worker(b: &Backend) -> i32 {
+    let pid = b.worker_pid();
+    // SAFETY: kill() on the backend's worker, a process this test started (indirectly).
+    unsafe { libc::kill(pid, libc::SIGKILL) };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while b.worker_pid() == pid {
+        assert!(Instant::now() < deadline, "no new worker after {pid}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    pid
+}
+
+fn sha256_range(path: &Path, len: u64) -> String {
+    let f = fs::File::open(path).unwrap();
+    let mut buf = vec![0u8; len as usize];
+    f.read_exact_at(&mut buf, 0).unwrap();
+    let tmp = path.with_extension("area");
+    fs::write(&tmp, &buf).unwrap();
+    let out = Command::new("sha256sum").arg(&tmp).output().unwrap();
+    let _ = fs::remove_file(&tmp);
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .to_string()
+}
+
+/// The guest's side of the blk tests: fio rounds until the disk says STOP.
+fn blk_guest_script() -> String {
+    format!(
+        "#!/bin/sh\n\
+         r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
+         stop() {{\n\
+           echo 1 >/proc/sys/vm/drop_caches\n\
+           [ \"$(dd if=/dev/vda bs=4096 skip={STOP_BLOCK} count=1 2>/dev/null | head -c 4)\" = STOP ]\n\
+         }}\n\
+         r start\n\
+         i=0; fails=0\n\
+         while ! stop; do\n\
+           i=$((i + 1))\n\
+           if ! fio --name=k$i --filename=/dev/vda --rw=randwrite --bsrange=4k-64k \\\n\
+                --size=24M --numjobs=2 --offset_increment=32M --ioengine=libaio \\\n\
+                --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \\\n\
+                --randseed=$i --group_reporting --output=/tmp/fio.txt; then\n\
+             fails=$((fails + 1)); tail -30 /tmp/fio.txt\n\
+           fi\n\
+           r round $i\n\
+         done\n\
+         r rounds $i\n\
+         r fio-failures $fails\n\
+         dmesg | grep -i -E 'I/O error|blk_update_request|timeout|hung' >/tmp/errs\n\
+         cat /tmp/errs\n\
+         r io-errors $(wc -l </tmp/errs)\n\
+         echo 1 >/proc/sys/vm/drop_caches\n\
+         r area-sha $(dd if=/dev/vda bs=1M count={AREA_MB} 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
+         r done\n"
+    )
+}
+
+/// Runs the blk crash test. `kill` kills the worker from outside; without it, the workers kill
+/// themselves (the seccomp probe) and the test only counts.
+fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
+    let Some(guest) = guest_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let img = d.join("disk.img");
+    fs::File::create(&img)
+        .unwrap()
+        .set_len(DISK_MB << 20)
+        .unwrap();
+    let sock = d.join("vda.sock");
+    let mut args = vec![
+        "--socket-path",
+        sock.to_str().unwrap(),
+        "--image",
+        img.to_str().unwrap(),
+        "--num-queues",
+        "2",
+    ];
+    args.extend_from_slice(extra);
+    let mut backend = Backend::start_exe(exe, &sock, &args);
+    let mut vm = Vm::start(
+        &guest,
+        d,
+        &blk_guest_script(),
+        &["--blk", sock.to_str().unwrap(), "--blk-queues", "2"],
+    );
+    assert!(
+        vm.wait_result("RESULT start", 120),
+        "the guest did not start\n{}",
+        vm.context(&backend)
+    );
+    let started = Instant::now();
+    let mut rng = Rng::new();
+    let mut deaths = 0;
+    if kill {
+        while deaths < KILLS {
+            // Each kill hits a worker that serves the guest, at a random moment of its I/O.
+            assert!(
+                wait_count(&backend, "frontend connected", deaths + 1, 60),
+                "the guest did not come back after kill {deaths}\n{}",
+                vm.context(&backend)
+            );
+            std::thread::sleep(Duration::from_millis(100 + rng.below(1400)));
+            kill_worker(&backend);
+            deaths += 1;
+        }
+    } else {
+        assert!(
+            wait_count(&backend, "killed by seccomp", KILLS, 400),
+            "fewer than {KILLS} seccomp kills\n{}",
+            vm.context(&backend)
+        );
+        deaths = backend.log().matches("killed by seccomp").count();
+    }
+    let took = started.elapsed();
+    assert!(
+        wait_count(&backend, "frontend connected", deaths + 1, 60),
+        "the guest did not come back after the last death\n{}",
+        vm.context(&backend)
+    );
+    // Tell the guest to finish its round and stop.
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(b"STOP", STOP_BLOCK * 4096).unwrap();
+    f.sync_all().unwrap();
+    let st = vm.wait_exit(300);
+    let ctx = vm.context(&backend);
+    assert!(st.is_some_and(|s| s.success()), "QEMU: {st:?}\n{ctx}");
+    let res = vm.results();
+    assert!(
+        res.contains("RESULT done"),
+        "the guest did not finish\n{ctx}"
+    );
+    let log = backend.log();
+    let resubmitted: usize = log
+        .lines()
+        .filter_map(|l| l.split("resubmitting ").nth(1))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    eprintln!(
+        "{deaths} worker deaths in {:.1} s; guest fio rounds: {}; requests resubmitted: {resubmitted}",
+        took.as_secs_f64(),
+        result_value(&res, "rounds").unwrap_or("?")
+    );
+    assert_eq!(result_value(&res, "fio-failures"), Some("0"), "{ctx}");
+    assert_eq!(result_value(&res, "io-errors"), Some("0"), "{ctx}");
+    assert_eq!(
+        result_value(&res, "area-sha"),
+        Some(sha256_range(&img, AREA_MB << 20).as_str()),
+        "the image differs from what the guest reads\n{ctx}"
+    );
+    assert!(
+        log.matches("worker started").count() > deaths,
+        "workers were not replaced\n{ctx}"
+    );
+    assert!(
+        resubmitted > 0,
+        "no death left a request in flight to resubmit: the in-flight path was not exercised\n{ctx}"
+    );
+    assert!(backend.alive(), "the supervisor died\n{ctx}");
+}
+
+#[test]
+fn vm_blk_guest_sees_nothing_of_20_worker_kills() {
+    let exe = vhostbox_tests::bin_path("vhostbox-blk");
+    blk_crash_test(&exe, &["--engine", "io-uring", "--direct"], true);
+}
+
+#[test]
+fn vm_blk_guest_sees_nothing_of_20_seccomp_kills() {
+    let exe = repo().join("target/jail-probe/debug/vhostbox-blk");
+    assert!(
+        exe.exists(),
+        "{} missing: build it with `cargo build -p vhostbox-blk --features jail-probe \
+         --target-dir target/jail-probe` (scripts/test.sh does)",
+        exe.display()
+    );
+    blk_crash_test(
+        &exe,
+        &[
+            "--engine",
+            "io-uring",
+            "--seccomp",
+            "kill",
+            "--jail-probe",
+            "seccomp-after=1500",
+        ],
+        false,
+    );
+}
+
+const TAP: &str = "crashtap0";
+const HOST_IP: &str = "10.79.0.1";
+const GUEST_IP: &str = "10.79.0.2";
+const NET_KILLS: usize = 5;
+
+fn host_pings_guest(ns: &NetNs) -> bool {
+    ns.run(|| {
+        Command::new("busybox")
+            .args(["ping", "-c", "1", "-W", "1", GUEST_IP])
+            .output()
+            .map(|o| o.status.success())
+            .unwrap_or(false)
+    })
+}
+
+#[test]
+fn vm_net_link_comes_back_after_each_of_5_worker_kills() {
+    let Some(guest) = guest_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let ns = NetNs::new().expect("network namespace");
+    let sock = d.join("net.sock");
+    let mut backend = ns.run(|| {
+        Backend::start(
+            "vhostbox-net",
+            &sock,
+            &["--socket-path", sock.to_str().unwrap(), "--tap", TAP],
+        )
+    });
+    ns.wait_link(TAP);
+    ns.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", TAP]);
+    ns.ip(&["link", "set", TAP, "up"]);
+    // The guest pings the host until port 5003 on the host accepts a connection.
+    let script = format!(
+        "#!/bin/sh\n\
+         r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
+         ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || r net-setup fail\n\
+         r start\n\
+         ok=0; lost=0\n\
+         while ! nc -w 1 {HOST_IP} 5003 </dev/null >/dev/null 2>&1; do\n\
+           if ping -c 1 -W 1 {HOST_IP} >/dev/null 2>&1; then ok=$((ok + 1)); else lost=$((lost + 1)); fi\n\
+         done\n\
+         r pings $ok lost $lost\n\
+         if ping -c 3 -W 5 {HOST_IP} >/dev/null; then r final-ping ok; else r final-ping fail; fi\n\
+         r done\n"
+    );
+    let mut vm = Vm::start(&guest, d, &script, &["--net", sock.to_str().unwrap()]);
+    assert!(
+        vm.wait_result("RESULT start", 120),
+        "the guest did not start\n{}",
+        vm.context(&backend)
+    );
+    let mut recovery = Vec::new();
+    let wait_ping = |what: &str, vm: &Vm, backend: &Backend| -> Duration {
+        let t = Instant::now();
+        while !host_pings_guest(&ns) {
+            assert!(
+                t.elapsed() < Duration::from_secs(60),
+                "the guest is unreachable {what}\n{}",
+                vm.context(backend)
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        t.elapsed()
+    };
+    wait_ping("after boot", &vm, &backend);
+    for k in 1..=NET_KILLS {
+        kill_worker(&backend);
+        recovery.push(wait_ping(&format!("after kill {k}"), &vm, &backend));
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let stop = ns.run(|| TcpListener::bind((HOST_IP, 5003)).unwrap());
+    let st = vm.wait_exit(120);
+    drop(stop);
+    let ctx = vm.context(&backend);
+    assert!(st.is_some_and(|s| s.success()), "QEMU: {st:?}\n{ctx}");
+    let res = vm.results();
+    eprintln!(
+        "reachable again after each kill in: {:?}; guest pings: {}",
+        recovery,
+        result_value(&res, "pings").unwrap_or("?")
+    );
+    assert!(
+        res.contains("RESULT done"),
+        "the guest did not finish\n{ctx}"
+    );
+    assert!(!res.contains(" fail"), "a guest step failed\n{ctx}");
+    let ok: usize = result_value(&res, "pings")
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0);
+    assert!(
+        ok > NET_KILLS,
+        "the guest's pings did not get through\n{ctx}"
+    );
+    assert!(
+        backend.log().matches("frontend connected").count() > NET_KILLS,
+        "{ctx}"
+    );
+    assert!(backend.alive(), "the supervisor died\n{ctx}");
+}
