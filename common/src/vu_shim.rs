@@ -7,9 +7,11 @@
 //! VHOST_USER_F_PROTOCOL_FEATURES has been acknowledged in SET_FEATURES, and drops the
 //! connection. The spec only says the message "should be sent only when
 //! VHOST_USER_F_PROTOCOL_FEATURES has been negotiated" (it was: the bit was offered and the
-//! protocol features set), and QEMU repeats the enable state once it starts the device, after
-//! SET_FEATURES. So until SET_FEATURES has gone by, the relay answers SET_VRING_ENABLE itself
-//! (an ack when one is asked for) and forwards everything else, file descriptors included.
+//! protocol features set). So until SET_FEATURES has gone by, the relay answers
+//! SET_VRING_ENABLE itself (an ack when one is asked for), remembers the state asked for, and
+//! forwards everything else, file descriptors included. Right after SET_FEATURES it hands the
+//! remembered states to the library: QEMU repeats them after starting the device only for
+//! multiqueue NICs, so a single-queue NIC would otherwise keep its rings disabled.
 //!
 //! A device may add a [`Hook`] that sees every frontend message first and may answer it
 //! itself: vhostbox-blk answers the in-flight tracking messages (GET_INFLIGHT_FD and
@@ -150,6 +152,23 @@ impl Msg {
         Msg { hdr, payload, fds }
     }
 
+    /// A request that asks for no reply.
+    pub fn new_request(request: u32, payload: Vec<u8>) -> Msg {
+        let mut hdr = [0u8; 12];
+        hdr[0..4].copy_from_slice(&request.to_le_bytes());
+        hdr[4..8].copy_from_slice(&FLAG_VERSION.to_le_bytes());
+        hdr[8..12].copy_from_slice(&(payload.len() as u32).to_le_bytes());
+        Msg {
+            hdr,
+            payload,
+            fds: Vec::new(),
+        }
+    }
+
+    fn payload_u32(&self, i: usize) -> u32 {
+        u32::from_le_bytes(self.payload[4 * i..4 * i + 4].try_into().unwrap())
+    }
+
     /// The REPLY_ACK answer: 0 for success, anything else for failure.
     pub fn ack(request: u32, ok: bool) -> Msg {
         Self::reply(request, u64::from(!ok).to_le_bytes().to_vec(), Vec::new())
@@ -217,8 +236,12 @@ fn write_msg(s: &UnixStream, m: &Msg) -> io::Result<()> {
     Ok(())
 }
 
+/// Most early ring states remembered (a frontend could send any index).
+const MAX_EARLY: usize = 512;
+
 fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hook>>) {
     let mut features_set = false;
+    let mut early: std::collections::BTreeMap<u32, u32> = Default::default();
     let r = (|| -> io::Result<()> {
         loop {
             let mut p = [
@@ -254,17 +277,29 @@ fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hoo
                         continue;
                     }
                 }
-                if req == SET_FEATURES {
-                    features_set = true;
-                }
                 if req == SET_VRING_ENABLE && !features_set {
                     debug!("relay: SET_VRING_ENABLE before SET_FEATURES answered here");
+                    if m.payload.len() >= 8 {
+                        let (index, state) = (m.payload_u32(0), m.payload_u32(1));
+                        if early.len() < MAX_EARLY || early.contains_key(&index) {
+                            early.insert(index, state);
+                        }
+                    }
                     if m.needs_reply() {
                         write_msg(&frontend, &Msg::ack(req, true))?;
                     }
                     continue;
                 }
                 write_msg(&backend, &m)?;
+                if req == SET_FEATURES && !features_set {
+                    features_set = true;
+                    for (index, state) in std::mem::take(&mut early) {
+                        debug!("relay: ring {index} enable={state} passed on after SET_FEATURES");
+                        let mut payload = index.to_le_bytes().to_vec();
+                        payload.extend_from_slice(&state.to_le_bytes());
+                        write_msg(&backend, &Msg::new_request(SET_VRING_ENABLE, payload))?;
+                    }
+                }
             }
             if p[1].revents != 0 {
                 let Some(m) = read_msg(&backend)? else {

@@ -507,3 +507,106 @@ fn help_is_a_man_page() {
         assert!(h.contains(flag), "--help lacks {flag}");
     }
 }
+
+/// A tmpfs of `mb` MiB mounted on a temporary directory, unmounted (lazily: a backend may still
+/// hold a file) when dropped. Needs root, which the test suite runs as.
+struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    fn new(mb: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a {mb} MiB tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { dir }
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+/// The image sits on a 4 MiB tmpfs that a filler file has nearly filled. Writes that need new
+/// space fail with an I/O error; reads and writes of space the image already has keep working
+/// meanwhile, and what was written before is intact; once the filler is gone the same writes
+/// succeed. The backend stays up throughout.
+#[test]
+fn full_backing_store_fails_only_the_requests_it_hits() {
+    for engine in ENGINES {
+        let fs_ = SmallFs::new(4);
+        let img = fs_.path().join("disk.img");
+        fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        let filler = fs_.path().join("filler");
+        fs::write(&filler, vec![1u8; 3 << 20]).unwrap();
+        let sock = fs_.path().join("blk.sock");
+        let mut be = Backend::start(
+            BLK,
+            &sock,
+            &[
+                "--socket-path",
+                sock.to_str().unwrap(),
+                "--image",
+                img.to_str().unwrap(),
+                "--engine",
+                engine,
+            ],
+        );
+        let mut c = Client::connect(&be.socket, 1, 2 << 20);
+        // 256 KiB fit.
+        pattern(c.buf(0, 256 << 10), 0, 1);
+        assert_eq!(c.write(0, 0, 0, 256 << 10), 0, "{engine}: first write");
+        // 1 MiB elsewhere does not: an error, not a hang or a dead backend.
+        pattern(c.buf(1 << 20, 1 << 20), 2048, 2);
+        let r = c.write(0, 8 << 20, 1 << 20, 1 << 20);
+        assert!(
+            r < 0,
+            "{engine}: a write to a full backing store succeeded ({r})"
+        );
+        // Meanwhile: what was written reads back, and space the image has is still writable.
+        c.buf(0, 256 << 10).fill(0);
+        assert_eq!(c.read(0, 0, 0, 256 << 10), 0, "{engine}: read while full");
+        let mut want = vec![0u8; 256 << 10];
+        pattern(&mut want, 0, 1);
+        assert!(c.buf(0, 256 << 10) == &want[..], "{engine}: data changed");
+        pattern(c.buf(0, 4096), 0, 3);
+        assert_eq!(c.write(0, 0, 0, 4096), 0, "{engine}: overwrite while full");
+        // The cause goes away: the same write succeeds and reads back.
+        fs::remove_file(&filler).unwrap();
+        pattern(c.buf(1 << 20, 1 << 20), 2048, 2);
+        assert_eq!(
+            c.write(0, 8 << 20, 1 << 20, 1 << 20),
+            0,
+            "{engine}: after freeing"
+        );
+        c.buf(1 << 20, 1 << 20).fill(0);
+        assert_eq!(c.read(0, 8 << 20, 1 << 20, 1 << 20), 0);
+        let mut want = vec![0u8; 1 << 20];
+        pattern(&mut want, 2048, 2);
+        assert!(c.buf(1 << 20, 1 << 20) == &want[..], "{engine}: read back");
+        drop(c);
+        assert!(be.alive(), "{engine}: the backend died");
+        let log = be.log();
+        assert!(
+            log.contains("No space left on device") || log.contains("short transfer"),
+            "{engine}: the error is not in the log:\n{log}"
+        );
+    }
+}

@@ -40,6 +40,7 @@ struct Vm {
     child: Child,
     results: PathBuf,
     console: PathBuf,
+    stderr: PathBuf,
 }
 
 impl Vm {
@@ -55,6 +56,7 @@ impl Vm {
         assert!(st.success(), "mk-overlay.sh failed");
         let results = d.join("results.txt");
         let console = d.join("console.txt");
+        let stderr = d.join("qemu.err");
         let child = Command::new(repo().join("scripts/run-guest.sh"))
             .args(["--guest-dir", guest.to_str().unwrap()])
             .args(["--overlay", overlay.to_str().unwrap()])
@@ -67,7 +69,7 @@ impl Vm {
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
-            .stderr(Stdio::piped())
+            .stderr(fs::File::create(&stderr).unwrap())
             .process_group(0)
             .spawn()
             .unwrap();
@@ -75,6 +77,7 @@ impl Vm {
             child,
             results,
             console,
+            stderr,
         }
     }
 
@@ -115,7 +118,8 @@ impl Vm {
         let log = backend.log();
         let log_tail: Vec<&str> = log.lines().rev().take(80).collect();
         format!(
-            "--- results\n{}\n--- console (tail)\n{}\n--- backend log (tail)\n{}",
+            "--- run-guest.sh/QEMU stderr\n{}\n--- results\n{}\n--- console (tail)\n{}\n--- backend log (tail)\n{}",
+            fs::read_to_string(&self.stderr).unwrap_or_default(),
             self.results(),
             tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
             log_tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
@@ -190,10 +194,13 @@ fn sha256_range(path: &Path, len: u64) -> String {
     let f = fs::File::open(path).unwrap();
     let mut buf = vec![0u8; len as usize];
     f.read_exact_at(&mut buf, 0).unwrap();
-    let tmp = path.with_extension("area");
-    fs::write(&tmp, &buf).unwrap();
-    let out = Command::new("sha256sum").arg(&tmp).output().unwrap();
-    let _ = fs::remove_file(&tmp);
+    let mut child = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(&mut child.stdin.take().unwrap(), &buf).unwrap();
+    let out = child.wait_with_output().unwrap();
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .next()
@@ -436,9 +443,14 @@ fn vm_net_link_comes_back_after_each_of_5_worker_kills() {
         recovery.push(wait_ping(&format!("after kill {k}"), &vm, &backend));
         std::thread::sleep(Duration::from_millis(500));
     }
+    // Accept and close at once: the guest's nc sees the end of the stream and exits.
     let stop = ns.run(|| TcpListener::bind((HOST_IP, 5003)).unwrap());
+    std::thread::spawn(move || {
+        for c in stop.incoming() {
+            drop(c);
+        }
+    });
     let st = vm.wait_exit(120);
-    drop(stop);
     let ctx = vm.context(&backend);
     assert!(st.is_some_and(|s| s.success()), "QEMU: {st:?}\n{ctx}");
     let res = vm.results();
@@ -464,4 +476,121 @@ fn vm_net_link_comes_back_after_each_of_5_worker_kills() {
         "{ctx}"
     );
     assert!(backend.alive(), "the supervisor died\n{ctx}");
+}
+
+/// The guest's disk image lives on a 24 MiB tmpfs that a 12 MiB filler shares. The guest
+/// writes 8 MiB (fits), then 8 MiB more, which runs out of space: its writes fail with I/O
+/// errors, the backend stays up. The test then removes the filler and writes GO into the disk;
+/// the guest writes the second 8 MiB again, which now succeeds, and reads both back intact.
+#[test]
+fn vm_blk_full_backing_store_fails_writes_then_recovers() {
+    let Some(guest) = guest_dir() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mnt = d.join("small");
+    fs::create_dir(&mnt).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
+        .arg(&mnt)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "mounting a tmpfs (needs root): {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    struct Umount(PathBuf);
+    impl Drop for Umount {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _umount = Umount(mnt.clone());
+    let img = mnt.join("disk.img");
+    fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    let filler = mnt.join("filler");
+    fs::write(&filler, vec![1u8; 12 << 20]).unwrap();
+    let sock = d.join("vda.sock");
+    let mut backend = Backend::start(
+        "vhostbox-blk",
+        &sock,
+        &[
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--image",
+            img.to_str().unwrap(),
+        ],
+    );
+    const GO_BLOCK: u64 = 7936; // 31 MiB
+    let script = format!(
+        "#!/bin/sh\n\
+         r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
+         w() {{ dd if=$1 of=/dev/vda bs=1M seek=$2 oflag=direct 2>/tmp/dd.err; }}\n\
+         dd if=/dev/urandom of=/tmp/a bs=1M count=8 2>/dev/null\n\
+         dd if=/dev/urandom of=/tmp/b bs=1M count=8 2>/dev/null\n\
+         if w /tmp/a 0; then r first ok; else r first fail; cat /tmp/dd.err; fi\n\
+         if w /tmp/b 8; then r second-failed no; else r second-failed yes; fi\n\
+         r second-error \"$(tail -1 /tmp/dd.err)\"\n\
+         r kernel-io-errors $(dmesg | grep -c 'I/O error')\n\
+         go() {{ [ \"$(dd if=/dev/vda bs=4096 skip={GO_BLOCK} count=1 iflag=direct 2>/dev/null | head -c 2)\" = GO ]; }}\n\
+         n=0; until go; do sleep 0.2; n=$((n + 1)); [ $n -lt 600 ] || break; done\n\
+         if w /tmp/b 8; then r third ok; else r third fail; cat /tmp/dd.err; fi\n\
+         want=$(cat /tmp/a /tmp/b | sha256sum | cut -d' ' -f1)\n\
+         got=$(dd if=/dev/vda bs=1M count=16 iflag=direct 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
+         if [ \"$want\" = \"$got\" ]; then r verify ok; else r verify fail; fi\n\
+         r sha $got\n\
+         r done\n"
+    );
+    let mut vm = Vm::start(
+        &guest,
+        d,
+        &script,
+        &["--blk", sock.to_str().unwrap(), "--blk-queues", "1"],
+    );
+    assert!(
+        vm.wait_result("RESULT kernel-io-errors", 180),
+        "the guest did not get through the full-disk writes\n{}",
+        vm.context(&backend)
+    );
+    assert!(
+        backend.alive(),
+        "the backend died\n{}",
+        vm.context(&backend)
+    );
+    fs::remove_file(&filler).unwrap();
+    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
+    f.write_all_at(b"GO", GO_BLOCK * 4096).unwrap();
+    let st = vm.wait_exit(180);
+    let ctx = vm.context(&backend);
+    assert!(st.is_some_and(|s| s.success()), "QEMU: {st:?}\n{ctx}");
+    let res = vm.results();
+    eprintln!(
+        "while full: dd said {:?}; kernel I/O errors: {}",
+        result_value(&res, "second-error").unwrap_or("?"),
+        result_value(&res, "kernel-io-errors").unwrap_or("?")
+    );
+    assert!(
+        res.contains("RESULT done"),
+        "the guest did not finish\n{ctx}"
+    );
+    assert_eq!(result_value(&res, "first"), Some("ok"), "{ctx}");
+    assert_eq!(result_value(&res, "second-failed"), Some("yes"), "{ctx}");
+    let errs: usize = result_value(&res, "kernel-io-errors")
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    assert!(errs > 0, "the guest saw no I/O error\n{ctx}");
+    assert_eq!(result_value(&res, "third"), Some("ok"), "{ctx}");
+    assert_eq!(result_value(&res, "verify"), Some("ok"), "{ctx}");
+    assert_eq!(
+        result_value(&res, "sha"),
+        Some(sha256_range(&img, 16 << 20).as_str()),
+        "{ctx}"
+    );
+    let log = backend.log();
+    assert!(
+        log.contains("No space left on device") || log.contains("short transfer"),
+        "{ctx}"
+    );
+    assert!(!log.contains("killed"), "{ctx}");
+    assert!(backend.alive(), "the backend died\n{ctx}");
 }
