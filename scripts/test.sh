@@ -5,11 +5,13 @@
 #
 #   scripts/test.sh            everything
 #   VHOSTBOX_SKIP_VM=1 scripts/test.sh    everything but the VM tests (they say so loudly)
+#   VHOSTBOX_FUZZ_SECS=N scripts/test.sh  run each fuzz target N seconds (default 10; 0: skip)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
+(cd tests/fuzz && cargo fmt -- --check)
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
 echo "== build"
@@ -22,3 +24,8 @@ if [ "${VHOSTBOX_SKIP_VM:-0}" != 1 ]; then
 fi
 echo "== cargo test"
 cargo test --workspace --no-fail-fast -- --test-threads="${VHOSTBOX_TEST_THREADS:-2}"
+fuzz_secs=${VHOSTBOX_FUZZ_SECS:-10}
+if [ "$fuzz_secs" != 0 ]; then
+    echo "== fuzz targets, ${fuzz_secs}s each (docs/fuzzing.md)"
+    scripts/fuzz.sh --time "$fuzz_secs"
+fi

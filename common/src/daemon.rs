@@ -464,6 +464,39 @@ fn wait_for_connection(listen_fd: RawFd, st: &ShutdownState) -> Result<bool, Dae
     }
 }
 
+/// Serves one frontend already connected on `stream` until it goes away, without signal
+/// handling or a listener: the fuzz targets drive a device's whole vhost-user handling this
+/// way. The device must have a relay ([`Device::shim`]), which takes the stream. Returns how
+/// the connection ended.
+pub fn serve_stream<D: Device>(
+    name: &str,
+    device: &mut D,
+    stream: UnixStream,
+) -> Result<(), DaemonError> {
+    let backend = device.connect().map_err(DaemonError::Device)?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), mem)
+        .map_err(DaemonError::VhostUser)?;
+    device
+        .attach(&backend, &daemon.get_epoll_handlers())
+        .map_err(DaemonError::Device)?;
+    let shim = device
+        .shim()
+        .ok_or_else(|| DaemonError::Device(io::Error::other("the device has no relay")))?;
+    let started = shim
+        .relay(stream)
+        .map_err(DaemonError::Device)
+        .and_then(|l| daemon.start(l).map_err(DaemonError::VhostUser));
+    let r = started.and_then(|_| daemon.wait().map_err(DaemonError::VhostUser));
+    drop(daemon);
+    drop(backend);
+    device.disconnected();
+    if let Some(shim) = device.shim() {
+        shim.rearm().map_err(DaemonError::Device)?;
+    }
+    r
+}
+
 /// Serves frontends on `listener` until SIGTERM/SIGINT (or, with `once`, until the first
 /// frontend disconnects: a jailed worker serves one connection and exits). Each connection gets
 /// a fresh backend from `device`; when the frontend disconnects its state is dropped and the

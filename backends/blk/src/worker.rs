@@ -7,6 +7,7 @@ use std::sync::Arc;
 
 use log::{debug, info, warn};
 use vhostbox_common::inflight::QueueTracker;
+use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -77,6 +78,8 @@ pub struct QueueWorker {
     tracking_started: bool,
     /// Set when the worker is being stopped: no new requests are taken.
     stopping: bool,
+    /// The last pass popped nothing yet asked for another.
+    retried_empty: bool,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
@@ -107,6 +110,7 @@ impl QueueWorker {
             tracker: None,
             tracking_started: false,
             stopping: false,
+            retried_empty: false,
             more: false,
             mem_source: None,
         }
@@ -134,10 +138,12 @@ impl QueueWorker {
         queue
             .disable_notification(&**mem)
             .map_err(io::Error::other)?;
+        let mut popped = 0usize;
         while !self.free.is_empty() && !self.stopping {
             let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
                 break;
             };
+            popped += 1;
             let head = chain.head_index();
             if let Some(t) = self.tracker.as_mut() {
                 t.begin(head);
@@ -151,11 +157,18 @@ impl QueueWorker {
         // Out of room: completions will call back in here; leave notifications off. Otherwise
         // re-enable them; if more arrived meanwhile, the caller runs another pass with a fresh
         // view of guest memory (the frontend may have added a region since `mem` was taken).
+        // A pass that found nothing although more was reported is not repeated: virtio-queue
+        // pops nothing from a ring it considers broken (an avail index too far ahead, an avail
+        // ring at address 0) while re-enabling notifications still reports entries.
+        let retry = popped > 0 || !std::mem::take(&mut self.retried_empty);
         if !self.free.is_empty()
             && queue
                 .enable_notification(&**mem)
                 .map_err(io::Error::other)?
+            && ring::avail_index_ok(queue, &**mem)
+            && retry
         {
+            self.retried_empty = popped == 0;
             self.more = true;
         }
         Ok(used)
@@ -842,6 +855,34 @@ mod tests {
             assert!(rec.resubmit.is_empty(), "{kind:?}: {rec:?}");
             assert_eq!(rec.next_avail, Some(5));
         });
+    }
+
+    /// Regression (found by the net_queue fuzz target, the same loop shape): an avail index
+    /// more than a queue's worth ahead must not make the worker ask for pass after pass.
+    #[test]
+    fn broken_avail_index_stops_the_queue() {
+        let e = env(1 << 20, false);
+        let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+        let mut q: Queue = vq.create_queue().unwrap();
+        let mut w = worker(&e, EngineKind::Sync);
+        e.mem
+            .write_obj(QSIZE + 5, GuestAddress(vq.avail_addr().0 + 2))
+            .unwrap();
+        assert!(!w.process_queue(&mut q, &e.mem).unwrap());
+        assert!(!w.take_more(), "the caller would loop forever");
+        // An avail ring at address 0 (virtio-queue pops nothing from it) with entries in its
+        // index: at most one more pass, then the caller stops.
+        q.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+        e.mem.write_obj(2u16, GuestAddress(2)).unwrap();
+        let mut passes = 0;
+        loop {
+            w.process_queue(&mut q, &e.mem).unwrap();
+            passes += 1;
+            if !w.take_more() {
+                break;
+            }
+            assert!(passes < 3, "the caller would loop forever");
+        }
     }
 
     /// A region the frontend added after a pass loaded its view of guest memory: with a

@@ -20,6 +20,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::debug;
+use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
@@ -214,6 +215,9 @@ impl<T: TapIo> PairWorker<T> {
         let mut used = false;
         let mut budget = BUDGET;
         let mut notifications_off = false;
+        // One more look after "more arrived" is a race; a second one that finds no buffer
+        // either means the ring is broken (see below), and the pass ends.
+        let mut retried = false;
         loop {
             if self.rx_len == 0 {
                 if !self.tap_readable {
@@ -256,10 +260,12 @@ impl<T: TapIo> PairWorker<T> {
                 Delivery::Delivered => {
                     used = true;
                     self.rx_len = 0;
+                    retried = false;
                 }
                 Delivery::TooBig => {
                     NetStats::inc(&self.stats.rx_too_big);
                     self.rx_len = 0;
+                    retried = false;
                 }
                 Delivery::NoRoom(seen) => {
                     // Ask for a kick when a buffer beyond the `seen` ones comes (with
@@ -269,7 +275,8 @@ impl<T: TapIo> PairWorker<T> {
                     queue.set_next_avail(next.wrapping_add(seen));
                     let more = queue.enable_notification(mem).map_err(io::Error::other);
                     queue.set_next_avail(next);
-                    if more? {
+                    if more? && !retried && ring::avail_index_ok(queue, mem) {
+                        retried = true;
                         queue.disable_notification(mem).map_err(io::Error::other)?;
                         continue;
                     }
@@ -380,6 +387,10 @@ impl<T: TapIo> PairWorker<T> {
         }
         let mut used = false;
         let mut budget = BUDGET;
+        // See process_rx: one more look after "more arrived", not an endless one. virtio-queue
+        // pops nothing from a ring it considers broken (an avail index too far ahead, an avail
+        // ring at address 0) while re-enabling notifications still reports entries.
+        let mut retried = false;
         queue.disable_notification(mem).map_err(io::Error::other)?;
         loop {
             if budget == 0 {
@@ -388,12 +399,17 @@ impl<T: TapIo> PairWorker<T> {
             }
             let rollback = queue.next_avail();
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
-                if queue.enable_notification(mem).map_err(io::Error::other)? {
+                if !retried
+                    && queue.enable_notification(mem).map_err(io::Error::other)?
+                    && ring::avail_index_ok(queue, mem)
+                {
+                    retried = true;
                     queue.disable_notification(mem).map_err(io::Error::other)?;
                     continue;
                 }
                 break;
             };
+            retried = false;
             budget -= 1;
             let head = chain.head_index();
             match self.gather_tx(chain, mem) {
@@ -681,6 +697,45 @@ mod tests {
 
     fn get(c: &AtomicU64) -> u64 {
         c.load(Ordering::Relaxed)
+    }
+
+    /// Regression (net_queue fuzz target): an avail index more than a queue's worth ahead of
+    /// the device made TX and RX spin forever (nothing pops, yet re-enabling notifications
+    /// reports new entries). Both now stop; a fixed ring works again.
+    #[test]
+    fn broken_avail_index_does_not_spin() {
+        let mut e = env(V1);
+        e.w.tap_mut().incoming.push_back(frame(60, 1));
+        for vq in [&e.rx, &e.tx] {
+            e.mem
+                .write_obj(QSIZE + 10, GuestAddress(vq.avail + 2))
+                .unwrap();
+        }
+        assert!(!e.w.process_tx(&mut e.tx.queue, &e.mem).unwrap());
+        assert!(!e.w.process_rx(&mut e.rx.queue, &e.mem).unwrap());
+        // The driver repairs its ring (as a reset would): TX works again.
+        e.mem.write_obj(0u16, GuestAddress(e.tx.avail + 2)).unwrap();
+        e.tx.avail_idx = 0;
+        e.tx.push(&e.mem, &[(BUFS, 12 + 60, false)]);
+        e.w.tap_writable();
+        assert!(e.w.process_tx(&mut e.tx.queue, &e.mem).unwrap());
+        assert_eq!(e.w.tap_mut().written.len(), 1);
+    }
+
+    /// Regression (net_queue fuzz target): an avail ring at guest address 0, which
+    /// virtio-queue treats as "not ready" and pops nothing from, while its index says there
+    /// are entries: TX and RX end their pass instead of spinning.
+    #[test]
+    fn avail_ring_at_address_zero_does_not_spin() {
+        let mut e = env(V1);
+        e.w.tap_mut().incoming.push_back(frame(60, 1));
+        for q in [&mut e.rx.queue, &mut e.tx.queue] {
+            q.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+        }
+        // Index 3 at address 2 (inside the RX descriptor table, which is at 0 here).
+        e.mem.write_obj(3u16, GuestAddress(2)).unwrap();
+        assert!(!e.w.process_tx(&mut e.tx.queue, &e.mem).unwrap());
+        assert!(!e.w.process_rx(&mut e.rx.queue, &e.mem).unwrap());
     }
 
     /// An Ethernet frame of `len` bytes with a recognisable pattern.

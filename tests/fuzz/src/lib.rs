@@ -1,0 +1,69 @@
+//! What the fuzz targets share: guest memory filled from the input and a split virtqueue laid
+//! out in it, so the input decides every descriptor, ring entry and buffer byte; and a
+//! vhost-user message stream built from the input.
+
+use std::io::Write;
+use std::os::unix::net::UnixStream;
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+
+/// Guest memory size: small, so that random addresses often land inside it.
+pub const MEM: usize = 0x10000;
+/// The avail ring first and the descriptor table right after it, so that short inputs already
+/// fill both; the used ring (written by the device) further up. Not at address 0: virtio-queue
+/// treats an avail ring there as "not ready" and pops nothing.
+pub const AVAIL_RING: u64 = 0x10;
+pub const DESC_TABLE: u64 = 0x400;
+pub const USED_RING: u64 = 0x8000;
+
+pub type Mem = GuestMemoryMmap<()>;
+
+/// 64 KiB of guest memory holding `data` from address 0 (the rest zero).
+pub fn memory(data: &[u8]) -> Mem {
+    let m = Mem::from_ranges(&[(GuestAddress(0), MEM)]).expect("guest memory");
+    let n = data.len().min(MEM);
+    m.write_slice(&data[..n], GuestAddress(0)).unwrap();
+    m
+}
+
+/// A ready queue of `size` (a power of two up to 256) with its rings at the fixed addresses:
+/// the descriptors and the avail ring come from the input.
+pub fn queue(size: u16, event_idx: bool) -> Queue {
+    let mut q = Queue::new(256).unwrap();
+    q.set_size(size);
+    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
+    q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
+    q.set_used_ring_address(Some(USED_RING as u32), Some(0));
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q
+}
+
+/// Queue sizes the targets pick from.
+pub fn queue_size(b: u8) -> u16 {
+    [1u16, 2, 4, 16, 64, 256][usize::from(b) % 6]
+}
+
+/// Writes `data` to `s` as a stream of vhost-user messages: each is
+/// `[request u8][flags u8][size u8][payload...]` in the input, sent with a valid header
+/// (version 1, NEED_REPLY if asked for) so the fuzzer spends its time on the handlers rather
+/// than on framing; a size beyond the input's end sends what is left, as a truncated message.
+pub fn send_messages(mut s: &UnixStream, data: &[u8]) {
+    let mut i = 0;
+    while i + 3 <= data.len() {
+        let (req, flags, size) = (data[i], data[i + 1], usize::from(data[i + 2]));
+        i += 3;
+        let end = (i + size).min(data.len());
+        let payload = &data[i..end];
+        i = end;
+        let mut hdr = Vec::with_capacity(12 + payload.len());
+        hdr.extend_from_slice(&u32::from(req % 48).to_le_bytes());
+        hdr.extend_from_slice(&(0x1 | u32::from(flags & 0x8)).to_le_bytes());
+        hdr.extend_from_slice(&(size as u32).to_le_bytes());
+        hdr.extend_from_slice(payload);
+        if s.write_all(&hdr).is_err() {
+            return;
+        }
+    }
+}
