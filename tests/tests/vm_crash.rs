@@ -276,7 +276,9 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
     let started = Instant::now();
     let mut rng = Rng::new();
     let mut deaths = 0;
+    let mut reconnect = Vec::new();
     if kill {
+        let mut killed_at: Option<Instant> = None;
         while deaths < KILLS {
             // Each kill hits a worker that serves the guest, at a random moment of its I/O.
             assert!(
@@ -284,8 +286,12 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
                 "the guest did not come back after kill {deaths}\n{}",
                 vm.context(&backend)
             );
+            if let Some(t) = killed_at {
+                reconnect.push(t.elapsed());
+            }
             std::thread::sleep(Duration::from_millis(100 + rng.below(1400)));
             kill_worker(&backend);
+            killed_at = Some(Instant::now());
             deaths += 1;
         }
     } else {
@@ -320,10 +326,14 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
         .filter_map(|l| l.split("resubmitting ").nth(1))
         .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
         .sum();
+    reconnect.sort();
     eprintln!(
-        "{deaths} worker deaths in {:.1} s; guest fio rounds: {}; requests resubmitted: {resubmitted}",
+        "{deaths} worker deaths in {:.1} s; guest fio rounds: {}; requests resubmitted: \
+         {resubmitted}; kill to frontend reconnected: median {:?}, max {:?}",
         took.as_secs_f64(),
-        result_value(&res, "rounds").unwrap_or("?")
+        result_value(&res, "rounds").unwrap_or("?"),
+        reconnect.get(reconnect.len() / 2),
+        reconnect.last()
     );
     assert_eq!(result_value(&res, "fio-failures"), Some("0"), "{ctx}");
     assert_eq!(result_value(&res, "io-errors"), Some("0"), "{ctx}");
