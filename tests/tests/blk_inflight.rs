@@ -26,6 +26,12 @@ const T_OUT: u32 = 1;
 fn start(dir: &Path, size: u64) -> (Backend, std::path::PathBuf) {
     let img = dir.join("disk.img");
     fs::File::create(&img).unwrap().set_len(size).unwrap();
+    start_on(dir, &img)
+}
+
+/// A backend on `dir`/blk.sock serving the existing image `img`.
+fn start_on(dir: &Path, img: &Path) -> (Backend, std::path::PathBuf) {
+    let img = img.to_owned();
     let sock = dir.join("blk.sock");
     let b = Backend::start(
         "vhostbox-blk",
@@ -356,4 +362,72 @@ fn sigterm_completes_what_is_in_flight_before_exiting() {
         }
     }
     eprintln!("{drained} of 8 stops had requests in flight to complete");
+}
+
+/// The supervisor itself is SIGKILLed with writes in flight (its worker dies with it), and a new
+/// backend is started on the same socket path and image, as systemd's Restart= would: the
+/// frontend reconnects with its region and every request completes exactly once.
+#[test]
+fn a_restarted_backend_takes_over_after_the_supervisor_is_killed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (mut backend, img) = start(dir.path(), 4 << 20);
+    let sock = backend.socket.clone();
+    let mut dev = VhostUserDevice::connect_with(
+        &sock,
+        2,
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+        &opts(),
+    )
+    .unwrap();
+    let mut out = [Vec::new(), Vec::new()];
+    for (qi, o) in out.iter_mut().enumerate() {
+        for k in 0..32u64 {
+            let blk = qi as u64 * 32 + k;
+            let (h, st) = add_write(dev.queue(qi), blk * 8, &block(blk, 5));
+            o.push((h, st, blk));
+        }
+        dev.queue(qi).kick();
+    }
+    let worker = backend.worker_pid();
+    backend.child.kill().unwrap();
+    backend.child.wait().unwrap();
+    // The worker goes with its supervisor.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while Path::new(&format!("/proc/{worker}")).exists() {
+        assert!(
+            Instant::now() < deadline,
+            "worker {worker} outlived its supervisor"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let log1 = backend.log();
+    drop(backend);
+    let (backend, _) = start_on(dir.path(), &img);
+    let mut dev = dev.reconnect(&sock).unwrap();
+    for (qi, o) in out.iter_mut().enumerate() {
+        while !o.is_empty() {
+            let (h, _) = dev
+                .queue(qi)
+                .wait_used(Duration::from_secs(10))
+                .unwrap_or_else(|| panic!("{} never completed\n{}", o.len(), backend.log()));
+            let pos = o
+                .iter()
+                .position(|r| r.0 == h)
+                .unwrap_or_else(|| panic!("request {h} completed twice\n{log1}"));
+            let (_, st, _) = o.swap_remove(pos);
+            assert_eq!(dev.mem().read_vec(st, 1), vec![0]);
+        }
+    }
+    let data = fs::read(&img).unwrap();
+    for blk in 0..64usize {
+        assert!(data[blk * 4096..(blk + 1) * 4096] == block(blk as u64, 5)[..]);
+    }
+    eprintln!(
+        "the new backend resubmitted: {}",
+        backend
+            .log()
+            .lines()
+            .find(|l| l.contains("resubmitting"))
+            .unwrap_or("nothing (all had completed)")
+    );
 }
