@@ -160,7 +160,8 @@ impl QueueWorker {
         // A pass that found nothing although more was reported is not repeated: virtio-queue
         // pops nothing from a ring it considers broken (an avail index too far ahead, an avail
         // ring at address 0) while re-enabling notifications still reports entries.
-        let retry = popped > 0 || !std::mem::take(&mut self.retried_empty);
+        let last_was_empty_retry = std::mem::take(&mut self.retried_empty);
+        let retry = popped > 0 || !last_was_empty_retry;
         if !self.free.is_empty()
             && queue
                 .enable_notification(&**mem)
@@ -883,6 +884,24 @@ mod tests {
             }
             assert!(passes < 3, "the caller would loop forever");
         }
+        // The allowance of one extra look comes back after a pass that took something:
+        // otherwise a real race (a request made available just as notifications were
+        // re-enabled) would be ignored and the queue would stall.
+        w.process_queue(&mut q, &e.mem).unwrap();
+        assert!(w.take_more(), "a first empty look gets one more");
+        q.try_set_avail_ring_address(GuestAddress(vq.avail_addr().0))
+            .unwrap();
+        e.mem
+            .write_obj(0u16, GuestAddress(vq.avail_addr().0 + 2))
+            .unwrap();
+        header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+        add_chain(&vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+        assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 1)]);
+        q.try_set_avail_ring_address(GuestAddress(0)).unwrap();
+        w.process_queue(&mut q, &e.mem).unwrap();
+        assert!(w.take_more(), "one more look is due after progress");
+        w.process_queue(&mut q, &e.mem).unwrap();
+        assert!(!w.take_more());
     }
 
     /// A region the frontend added after a pass loaded its view of guest memory: with a

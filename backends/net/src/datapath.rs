@@ -215,9 +215,10 @@ impl<T: TapIo> PairWorker<T> {
         let mut used = false;
         let mut budget = BUDGET;
         let mut notifications_off = false;
-        // One more look after "more arrived" is a race; a second one that finds no buffer
-        // either means the ring is broken (see below), and the pass ends.
-        let mut retried = false;
+        // "More arrived" after a look is a race: look again. A look that finds no buffer
+        // beyond the ones the last look saw means the ring is broken (see process_tx), and the
+        // pass ends.
+        let mut retried: Option<u16> = None;
         loop {
             if self.rx_len == 0 {
                 if !self.tap_readable {
@@ -260,12 +261,12 @@ impl<T: TapIo> PairWorker<T> {
                 Delivery::Delivered => {
                     used = true;
                     self.rx_len = 0;
-                    retried = false;
+                    retried = None;
                 }
                 Delivery::TooBig => {
                     NetStats::inc(&self.stats.rx_too_big);
                     self.rx_len = 0;
-                    retried = false;
+                    retried = None;
                 }
                 Delivery::NoRoom(seen) => {
                     // Ask for a kick when a buffer beyond the `seen` ones comes (with
@@ -275,8 +276,9 @@ impl<T: TapIo> PairWorker<T> {
                     queue.set_next_avail(next.wrapping_add(seen));
                     let more = queue.enable_notification(mem).map_err(io::Error::other);
                     queue.set_next_avail(next);
-                    if more? && !retried && ring::avail_index_ok(queue, mem) {
-                        retried = true;
+                    // Another look is due unless the last one saw no new buffer at all.
+                    if more? && retried != Some(seen) && ring::avail_index_ok(queue, mem) {
+                        retried = Some(seen);
                         queue.disable_notification(mem).map_err(io::Error::other)?;
                         continue;
                     }
