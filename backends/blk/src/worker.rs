@@ -80,6 +80,8 @@ pub struct QueueWorker {
     stopping: bool,
     /// The last pass popped nothing yet asked for another.
     retried_empty: bool,
+    /// Resubmitted heads not yet completed (for the log).
+    watch: Vec<u16>,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
@@ -111,6 +113,7 @@ impl QueueWorker {
             tracking_started: false,
             stopping: false,
             retried_empty: false,
+            watch: Vec::new(),
             more: false,
             mem_source: None,
         }
@@ -237,6 +240,13 @@ impl QueueWorker {
             "resubmitting {} request(s) the previous worker left in flight",
             rec.resubmit.len()
         );
+        debug!(
+            "resubmitting heads {:?}; ring: used {ring_used}, avail {:?}, next avail {}",
+            rec.resubmit,
+            queue.avail_idx(&**mem, Ordering::Acquire).map(|w| w.0),
+            queue.next_avail()
+        );
+        self.watch = rec.resubmit.clone();
         self.shared
             .stats
             .resubmitted
@@ -406,6 +416,13 @@ impl QueueWorker {
             .map_err(io::Error::other)?;
         if let Some(t) = self.tracker.as_mut() {
             t.after_used(head, queue.next_used());
+        }
+        if let Some(i) = self.watch.iter().position(|&h| h == head) {
+            self.watch.swap_remove(i);
+            debug!(
+                "resubmitted request {head} completed (used index now {})",
+                queue.next_used()
+            );
         }
         Ok(())
     }
