@@ -6,7 +6,20 @@
 #   scripts/bench.sh [--rounds N] [--secs S] [--only SUBSTR] [--out DIR]
 # Default: 3 rounds of 3 s per workload, results in build/bench/ (results.md, results.csv,
 # iops.svg). Release builds; the backends run jailed as shipped.
+#
+#   scripts/bench.sh --net [--rounds N] [--secs S] [--only tx64,rx1500,..] [--no-testpmd]
+#                          [--out FILE.md]
+# The packet benchmark of vhostbox-net against DPDK testpmd's vhost PMD (installed first if
+# missing, with scripts/setup-host.sh --bench; needs root for the network namespace).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [ "${1:-}" = --net ]; then
+    shift
+    if ! command -v dpdk-testpmd >/dev/null && [[ " $* " != *" --no-testpmd "* ]]; then
+        scripts/setup-host.sh --bench
+    fi
+    cargo build --release -q -p vhostbox-net -p vhostbox-tests --bins
+    VHOSTBOX_BIN_DIR=target/release exec target/release/vhostbox-netbench "$@"
+fi
 cargo build --release -q -p vhostbox-blk -p vhostbox-tests --bins
 exec target/release/vhostbox-bench "$@"

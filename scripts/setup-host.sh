@@ -2,7 +2,13 @@
 # Installs what the tests and the demo need on a Debian bookworm machine (run as root):
 # QEMU 10.x from bookworm-backports, busybox-static and fio for the guest initramfs, and the
 # Debian guest kernel (downloaded, never installed). Idempotent.
+#
+#   scripts/setup-host.sh           what the tests need
+#   scripts/setup-host.sh --bench   also DPDK's testpmd with its vhost and virtio PMDs (the
+#                                   peer of scripts/bench.sh --net; heavy, not for the tests)
 set -euo pipefail
+bench=0
+[ "${1:-}" = --bench ] && bench=1
 
 log() { echo "setup-host: $*" >&2; }
 
@@ -47,6 +53,11 @@ pkgs=()
 for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1; do
     dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
 done
+if [ "$bench" = 1 ]; then
+    for p in dpdk-dev librte-net-vhost23 librte-net-virtio23 librte-mempool-ring23; do
+        dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
+    done
+fi
 if [ "${#pkgs[@]}" -gt 0 ]; then
     log "installing ${pkgs[*]}"
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
