@@ -2,7 +2,9 @@
 # The main job, end to end: build vhostbox-blk and vhostbox-net, start them jailed (their
 # default) on a fresh disk image and on a tap in a private network namespace, show the jail
 # from the outside, boot a small Linux guest under QEMU whose stock virtio_blk and virtio_net
-# drivers use them, and show what the guest did and what landed in the image.
+# drivers use them, and show what the guest did and what landed in the image. While the guest
+# runs fio, the demo SIGKILLs the disk's jailed worker three times: the supervisor replaces it,
+# QEMU reconnects, the requests that were in flight are resubmitted, and fio's verify passes.
 #
 #   scripts/demo.sh            (as root on Debian bookworm; installs QEMU 10 and the guest
 #                               pieces with scripts/setup-host.sh on first use)
@@ -83,15 +85,40 @@ ip netns exec "$netns" ip addr add 10.78.0.1/24 dev vbxdemo0
 ip netns exec "$netns" ip link set vbxdemo0 up
 echo "host end of the tap: $(ip netns exec "$netns" ip -brief addr show vbxdemo0)"
 
-bold "booting the guest on them (QEMU, TCG); the guest's output follows"
+# During the guest's fio: kill the disk's worker three times, a second apart.
+killer() {
+    for _ in $(seq 600); do grep -q "== fio" "$out/console.txt" 2>/dev/null && break; sleep 0.1; done
+    for k in 1 2 3; do
+        sleep 1
+        w=$(pgrep -P "$sup" | head -n 1 || true)
+        [ -n "$w" ] || continue
+        kill -KILL "$w" 2>/dev/null && echo "kill $k: worker $w SIGKILLed during the guest's fio" >>"$out/kills.txt"
+    done
+}
+
+bold "booting the guest on them (QEMU, TCG, reconnect-ms=200); the guest's output follows"
 scripts/mk-overlay.sh "$out/demo.cpio.gz" scripts/guest/blk-demo.sh:/demo.sh
+killer &
+killerpid=$!
 scripts/run-guest.sh --overlay "$out/demo.cpio.gz" --blk "$sock" --blk-queues 2 --cpus 2 \
-    --net "$netsock" --net-queues 2 \
+    --net "$netsock" --net-queues 2 --reconnect-ms 200 \
     --result "$out/summary.txt" --console "$out/console.txt" --timeout 300 || true
+kill "$killerpid" 2>/dev/null || true
+wait "$killerpid" 2>/dev/null || true
 sed -n '/== the disk/,$p' "$out/console.txt" | grep -v -E '^\[ *[0-9]+\.[0-9]+\]' || true
 
 bold "what the guest reported"
 sed 's/^DEMO /    /' "$out/summary.txt"
+
+bold "crash safety: the disk's worker was killed under the guest's fio"
+if [ -s "$out/kills.txt" ]; then
+    sed 's/^/    /' "$out/kills.txt"
+    echo "    the supervisor replaced each one: $(grep -c 'replacing worker' "$out/blk.log") replacement(s);"
+    echo "    requests resubmitted from the in-flight region: $(grep -o 'resubmitting [0-9]*' "$out/blk.log" | awk '{n += $2} END {print n + 0}')"
+    echo "    the guest's fio verify: $(sed -n 's/^DEMO fio verify: //p' "$out/summary.txt" | head -n 1) (no I/O error reached the guest)"
+else
+    echo "    (no kill happened: the guest's fio was not reached)"
+fi
 
 bold "on the host: the guest's ext4 file system, read from the image"
 debugfs -R "ls -l /" "$img" 2>/dev/null | sed 's/^/    /'
