@@ -16,7 +16,7 @@ use vhostbox_blk::engine::EngineKind;
 use vhostbox_blk::vhu_blk::{BlkDevice, DeviceConfig};
 use vhostbox_blk::worker::Shared;
 use vhostbox_common::daemon::serve_stream;
-use vhostbox_fuzz::send_messages;
+use vhostbox_fuzz::{drain_replies, send_messages};
 
 thread_local! {
     static DEV: RefCell<BlkDevice> = RefCell::new({
@@ -37,9 +37,12 @@ thread_local! {
 
 fuzz_target!(|data: &[u8]| {
     let (ours, theirs) = UnixStream::pair().unwrap();
+    let replies = drain_replies(&ours);
     send_messages(&ours, data);
     let _ = ours.shutdown(std::net::Shutdown::Write);
     DEV.with(|d| {
         let _ = serve_stream("fuzz-blk", &mut *d.borrow_mut(), theirs);
     });
+    drop(ours);
+    let _ = replies.join();
 });

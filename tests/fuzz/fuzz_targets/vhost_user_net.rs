@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vhostbox_common::daemon::serve_stream;
-use vhostbox_fuzz::send_messages;
+use vhostbox_fuzz::{drain_replies, send_messages};
 use vhostbox_net::config::Mac;
 use vhostbox_net::tap::Tap;
 use vhostbox_net::vhu_net::{DeviceConfig, NetDevice};
@@ -36,9 +36,12 @@ thread_local! {
 
 fuzz_target!(|data: &[u8]| {
     let (ours, theirs) = UnixStream::pair().unwrap();
+    let replies = drain_replies(&ours);
     send_messages(&ours, data);
     let _ = ours.shutdown(std::net::Shutdown::Write);
     DEV.with(|d| {
         let _ = serve_stream("fuzz-net", &mut *d.borrow_mut(), theirs);
     });
+    drop(ours);
+    let _ = replies.join();
 });

@@ -50,6 +50,9 @@ pub fn queue_size(b: u8) -> u16 {
 /// (version 1, NEED_REPLY if asked for) so the fuzzer spends its time on the handlers rather
 /// than on framing; a size beyond the input's end sends what is left, as a truncated message.
 pub fn send_messages(mut s: &UnixStream, data: &[u8]) {
+    // One write for the whole stream: written message by message, thousands of tiny messages
+    // would fill the socket's buffer (it counts per write) before the device reads any.
+    let mut out = Vec::with_capacity(data.len() * 4 + 64);
     let mut i = 0;
     while i + 3 <= data.len() {
         let (req, flags, size) = (data[i], data[i + 1], usize::from(data[i + 2]));
@@ -62,8 +65,18 @@ pub fn send_messages(mut s: &UnixStream, data: &[u8]) {
         hdr.extend_from_slice(&(0x1 | u32::from(flags & 0x8)).to_le_bytes());
         hdr.extend_from_slice(&(size as u32).to_le_bytes());
         hdr.extend_from_slice(payload);
-        if s.write_all(&hdr).is_err() {
-            return;
-        }
+        out.extend_from_slice(&hdr);
     }
+    let _ = s.write_all(&out);
+}
+
+/// Reads and discards what the device answers on `s` until it closes, on a thread: replies
+/// left unread would fill the socket and stall the device (the fuzz target would then report
+/// a hang that is its own).
+pub fn drain_replies(s: &UnixStream) -> std::thread::JoinHandle<()> {
+    let mut r = s.try_clone().expect("dup the socket");
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while matches!(std::io::Read::read(&mut r, &mut buf), Ok(n) if n > 0) {}
+    })
 }
