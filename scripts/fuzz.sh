@@ -35,6 +35,7 @@ fi
 # cargo-fuzz builds with -Z flags (the sanitizer); a stable toolchain accepts them with this.
 export RUSTC_BOOTSTRAP=1
 cd "$root/tests/fuzz"
+export LSAN_OPTIONS="suppressions=$root/tests/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 if [ "${#targets[@]}" -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list --fuzz-dir .)
 fi
