@@ -22,6 +22,9 @@
 //!
 //!   vhostbox-netbench [--secs S] [--rounds N] [--only tx64,rx64,..] [--no-testpmd]
 //!                     [--out FILE.md]
+//!
+//! With `--out FILE.md` it also writes FILE.svg: median packets/s per workload and contender
+//! on a log scale (the contenders differ by an order of magnitude).
 
 use std::fs;
 use std::path::{Path, PathBuf};
@@ -433,6 +436,7 @@ fn main() {
         "| workload | contender | Mpps | Gbit/s | backend CPU µs/packet |\n|---|---|---|---|---|\n",
     );
     let mut ratios = Vec::new();
+    let mut bars: Vec<(&str, Vec<(&str, f64)>)> = Vec::new();
     for w in WORKLOADS {
         if only
             .as_ref()
@@ -495,6 +499,13 @@ fn main() {
             ));
             med.push(Some((pps, cpu)));
         }
+        bars.push((
+            w.name,
+            who.iter()
+                .zip(&med)
+                .filter_map(|(c, m)| m.map(|(pps, _)| (c.name(), pps)))
+                .collect(),
+        ));
         if let (Some(Some(a)), Some(Some(b))) = (med.first(), med.get(1)) {
             ratios.push(format!(
                 "| {} | {:.2} | {:.2} |",
@@ -516,5 +527,57 @@ fn main() {
     println!("{table}");
     if let Some(o) = out {
         fs::write(&o, &table).expect("writing --out");
+        fs::write(o.with_extension("svg"), svg(&bars)).expect("writing the plot");
     }
+}
+
+/// Horizontal bars of packets/s on a log scale from 10 kpps to 100 Mpps.
+fn svg(bars: &[(&str, Vec<(&str, f64)>)]) -> String {
+    use std::fmt::Write;
+    let (row, left, width) = (18.0, 190.0, 560.0);
+    let rows: usize = bars.iter().map(|b| b.1.len() + 1).sum();
+    let h = 60.0 + rows as f64 * row;
+    let mut s = format!(
+        "<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"{h}\" \
+         font-family=\"sans-serif\" font-size=\"11\">\n<text x=\"10\" y=\"20\" \
+         font-size=\"14\">Median packets/s per workload (log scale, 10 kpps to 100 Mpps)</text>\n"
+    );
+    let x = |pps: f64| left + width * ((pps.max(1e4).log10() - 4.0) / 4.0).clamp(0.0, 1.0);
+    for (k, label) in ["10k", "100k", "1M", "10M", "100M"].iter().enumerate() {
+        let gx = left + width * k as f64 / 4.0;
+        let _ = writeln!(
+            s,
+            "<line x1=\"{gx}\" y1=\"30\" x2=\"{gx}\" y2=\"{}\" stroke=\"#ddd\"/>\
+             <text x=\"{gx}\" y=\"{}\" text-anchor=\"middle\">{label}</text>",
+            h - 20.0,
+            h - 6.0
+        );
+    }
+    let mut y = 40.0;
+    for (name, v) in bars {
+        let _ = writeln!(
+            s,
+            "<text x=\"10\" y=\"{}\" font-weight=\"bold\">{name}</text>",
+            y + 12.0
+        );
+        y += row;
+        for (i, (who, pps)) in v.iter().enumerate() {
+            let color = ["#2a6fb0", "#b05a2a"][i % 2];
+            let _ = writeln!(
+                s,
+                "<text x=\"20\" y=\"{}\">{who}</text><rect x=\"{left}\" y=\"{}\" \
+                 width=\"{}\" height=\"{}\" fill=\"{color}\"/><text x=\"{}\" y=\"{}\">{:.2} Mpps</text>",
+                y + 12.0,
+                y + 2.0,
+                x(*pps) - left,
+                row - 5.0,
+                x(*pps) + 4.0,
+                y + 12.0,
+                pps / 1e6
+            );
+            y += row;
+        }
+    }
+    s.push_str("</svg>\n");
+    s
 }
