@@ -143,6 +143,56 @@ impl Backend {
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))
     }
+
+    /// SIGKILLs the supervisor's current worker and waits (up to 20 s) for its replacement;
+    /// returns the killed pid.
+    pub fn kill_worker(&self) -> i32 {
+        let pid = self.worker_pid();
+        // SAFETY: kill() on the backend's worker, a process this test started (indirectly).
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while self.worker_pid() == pid {
+            assert!(Instant::now() < deadline, "no new worker after {pid}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        pid
+    }
+}
+
+/// A tmpfs of `mb` MiB mounted on a temporary directory, unmounted (lazily: a backend may still
+/// hold a file) when dropped. Needs root, which the test suite runs as.
+pub struct SmallFs {
+    dir: tempfile::TempDir,
+}
+
+impl SmallFs {
+    pub fn new(mb: u64) -> SmallFs {
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mounting a {mb} MiB tmpfs (the test needs root): {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        SmallFs { dir }
+    }
+
+    pub fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount")
+            .arg("-l")
+            .arg(self.dir.path())
+            .status();
+    }
 }
 
 impl Drop for Backend {

@@ -54,6 +54,17 @@ fn start_on(dir: &Path, img: &Path) -> (Backend, std::path::PathBuf) {
     (b, img)
 }
 
+/// Connects with 2 queues, EVENT_IDX and an in-flight region, as QEMU's vhost-user-blk does.
+fn connect(sock: &Path) -> VhostUserDevice {
+    VhostUserDevice::connect_with(
+        sock,
+        2,
+        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
+        &opts(),
+    )
+    .unwrap()
+}
+
 fn opts() -> DeviceOptions {
     DeviceOptions {
         queue_size: QSIZE,
@@ -89,18 +100,6 @@ fn block(sector: u64, gen: u64) -> Vec<u8> {
     b
 }
 
-/// Kills the worker and waits for its successor.
-fn kill_worker(b: &Backend) {
-    let pid = b.worker_pid();
-    // SAFETY: kill() on the backend's worker process.
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while b.worker_pid() == pid {
-        assert!(Instant::now() < deadline, "no new worker");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 // Offsets in the in-flight region (queue 0 at offset 0; see vhost-user "Inflight I/O tracking").
 const VERSION: usize = 8;
 const DESC_NUM: usize = 10;
@@ -115,13 +114,7 @@ fn successor_resubmits_exactly_the_open_requests_after_an_out_of_order_completio
     let dir = tempfile::tempdir().unwrap();
     let (backend, img) = start(dir.path(), 4 << 20);
     let sock = backend.socket.clone();
-    let mut dev = VhostUserDevice::connect_with(
-        &sock,
-        2,
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
-        &opts(),
-    )
-    .unwrap();
+    let mut dev = connect(&sock);
     let r = dev.inflight().expect("the backend offers INFLIGHT_SHMFD");
     assert_eq!(r.info.num_queues, 2);
     assert_eq!(r.info.queue_size, QSIZE);
@@ -146,7 +139,7 @@ fn successor_resubmits_exactly_the_open_requests_after_an_out_of_order_completio
     // The worker dies. What it left, as a worker that had taken A, B, C and D (in that order)
     // and completed B only would leave it: all four in the avail ring, B in the used ring, A, C
     // and D marked in flight with their submission order.
-    kill_worker(&backend);
+    backend.kill_worker();
     let mut reqs = Vec::new();
     for k in 0..4u64 {
         let sector = 8 * (k + 1);
@@ -221,13 +214,7 @@ fn every_request_completes_once_across_15_worker_kills() {
     let blocks: u64 = 1024;
     let (backend, img) = start(dir.path(), blocks * 4096);
     let sock = backend.socket.clone();
-    let mut dev = VhostUserDevice::connect_with(
-        &sock,
-        2,
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
-        &opts(),
-    )
-    .unwrap();
+    let mut dev = connect(&sock);
     let mut expect: Vec<u64> = vec![0; blocks as usize];
     let mut seed: u64 = 0x9e37_79b9_7f4a_7c15;
     let mut rnd = move |n: u64| {
@@ -256,7 +243,7 @@ fn every_request_completes_once_across_15_worker_kills() {
         let before = backend.log().matches("resubmitting").count();
         if round % 2 == 0 {
             std::thread::sleep(Duration::from_micros(rnd(800)));
-            kill_worker(&backend);
+            backend.kill_worker();
             kills += 1;
             dev = dev.reconnect(&sock).unwrap();
         }
@@ -311,13 +298,7 @@ fn sigterm_completes_what_is_in_flight_before_exiting() {
         let dir = tempfile::tempdir().unwrap();
         let (mut backend, img) = start(dir.path(), 4 << 20);
         let sock = backend.socket.clone();
-        let mut dev = VhostUserDevice::connect_with(
-            &sock,
-            2,
-            VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
-            &opts(),
-        )
-        .unwrap();
+        let mut dev = connect(&sock);
         let mut reqs = Vec::new();
         for qi in 0..2 {
             for k in 0..32u64 {
@@ -372,13 +353,7 @@ fn a_restarted_backend_takes_over_after_the_supervisor_is_killed() {
     let dir = tempfile::tempdir().unwrap();
     let (mut backend, img) = start(dir.path(), 4 << 20);
     let sock = backend.socket.clone();
-    let mut dev = VhostUserDevice::connect_with(
-        &sock,
-        2,
-        VIRTIO_F_VERSION_1 | VIRTIO_RING_F_EVENT_IDX,
-        &opts(),
-    )
-    .unwrap();
+    let mut dev = connect(&sock);
     let mut out = [Vec::new(), Vec::new()];
     for (qi, o) in out.iter_mut().enumerate() {
         for k in 0..32u64 {

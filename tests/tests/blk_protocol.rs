@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use vhostbox_tests::{pattern, run_to_exit, Backend};
+use vhostbox_tests::{pattern, run_to_exit, Backend, SmallFs};
 
 const ENGINES: [&str; 2] = ["io-uring", "sync"];
 const BLK: &str = "vhostbox-blk";
@@ -505,42 +505,6 @@ fn help_is_a_man_page() {
         "EXIT STATUS",
     ] {
         assert!(h.contains(flag), "--help lacks {flag}");
-    }
-}
-
-/// A tmpfs of `mb` MiB mounted on a temporary directory, unmounted (lazily: a backend may still
-/// hold a file) when dropped. Needs root, which the test suite runs as.
-struct SmallFs {
-    dir: tempfile::TempDir,
-}
-
-impl SmallFs {
-    fn new(mb: u64) -> SmallFs {
-        let dir = tempfile::tempdir().unwrap();
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={mb}m"), "tmpfs"])
-            .arg(dir.path())
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "mounting a {mb} MiB tmpfs (the test needs root): {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        SmallFs { dir }
-    }
-
-    fn path(&self) -> &Path {
-        self.dir.path()
-    }
-}
-
-impl Drop for SmallFs {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg("-l")
-            .arg(self.dir.path())
-            .status();
     }
 }
 

@@ -25,7 +25,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use vhostbox_tests::netns::NetNs;
-use vhostbox_tests::{guest_dir, repo, result_value, Backend};
+use vhostbox_tests::{guest_dir, repo, result_value, Backend, SmallFs};
 
 const RECONNECT_MS: &str = "200";
 const KILLS: usize = 20;
@@ -177,19 +177,6 @@ fn wait_count(b: &Backend, needle: &str, n: usize, secs: u64) -> bool {
     false
 }
 
-/// SIGKILLs the current worker and waits until a different one exists.
-fn kill_worker(b: &Backend) -> i32 {
-    let pid = b.worker_pid();
-    // SAFETY: kill() on the backend's worker, a process this test started (indirectly).
-    unsafe { libc::kill(pid, libc::SIGKILL) };
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while b.worker_pid() == pid {
-        assert!(Instant::now() < deadline, "no new worker after {pid}");
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    pid
-}
-
 fn sha256_range(path: &Path, len: u64) -> String {
     let f = fs::File::open(path).unwrap();
     let mut buf = vec![0u8; len as usize];
@@ -290,7 +277,7 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
                 reconnect.push(t.elapsed());
             }
             std::thread::sleep(Duration::from_millis(100 + rng.below(1400)));
-            kill_worker(&backend);
+            backend.kill_worker();
             killed_at = Some(Instant::now());
             deaths += 1;
         }
@@ -449,7 +436,7 @@ fn vm_net_link_comes_back_after_each_of_5_worker_kills() {
     };
     wait_ping("after boot", &vm, &backend);
     for k in 1..=NET_KILLS {
-        kill_worker(&backend);
+        backend.kill_worker();
         recovery.push(wait_ping(&format!("after kill {k}"), &vm, &backend));
         std::thread::sleep(Duration::from_millis(500));
     }
@@ -497,25 +484,8 @@ fn vm_blk_full_backing_store_fails_writes_then_recovers() {
     let Some(guest) = guest_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let mnt = d.join("small");
-    fs::create_dir(&mnt).unwrap();
-    let out = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=24m", "tmpfs"])
-        .arg(&mnt)
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "mounting a tmpfs (needs root): {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    struct Umount(PathBuf);
-    impl Drop for Umount {
-        fn drop(&mut self) {
-            let _ = Command::new("umount").arg("-l").arg(&self.0).status();
-        }
-    }
-    let _umount = Umount(mnt.clone());
+    let small = SmallFs::new(24);
+    let mnt = small.path();
     let img = mnt.join("disk.img");
     fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
     let filler = mnt.join("filler");

@@ -6,7 +6,6 @@
 #![no_main]
 
 use std::cell::RefCell;
-use std::os::unix::net::UnixStream;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -16,7 +15,7 @@ use vhostbox_blk::engine::EngineKind;
 use vhostbox_blk::vhu_blk::{BlkDevice, DeviceConfig};
 use vhostbox_blk::worker::Shared;
 use vhostbox_common::daemon::serve_stream;
-use vhostbox_fuzz::{drain_replies, send_messages};
+use vhostbox_fuzz::serve_input;
 
 thread_local! {
     static DEV: RefCell<BlkDevice> = RefCell::new({
@@ -36,13 +35,9 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let replies = drain_replies(&ours);
-    send_messages(&ours, data);
-    let _ = ours.shutdown(std::net::Shutdown::Write);
-    DEV.with(|d| {
-        let _ = serve_stream("fuzz-blk", &mut *d.borrow_mut(), theirs);
+    serve_input(data, |stream| {
+        DEV.with(|d| {
+            let _ = serve_stream("fuzz-blk", &mut *d.borrow_mut(), stream);
+        })
     });
-    drop(ours);
-    let _ = replies.join();
 });

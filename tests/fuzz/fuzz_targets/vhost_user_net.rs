@@ -5,12 +5,11 @@
 #![no_main]
 
 use std::cell::RefCell;
-use std::os::unix::net::UnixStream;
 use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vhostbox_common::daemon::serve_stream;
-use vhostbox_fuzz::{drain_replies, send_messages};
+use vhostbox_fuzz::serve_input;
 use vhostbox_net::config::Mac;
 use vhostbox_net::tap::Tap;
 use vhostbox_net::vhu_net::{DeviceConfig, NetDevice};
@@ -35,13 +34,9 @@ thread_local! {
 }
 
 fuzz_target!(|data: &[u8]| {
-    let (ours, theirs) = UnixStream::pair().unwrap();
-    let replies = drain_replies(&ours);
-    send_messages(&ours, data);
-    let _ = ours.shutdown(std::net::Shutdown::Write);
-    DEV.with(|d| {
-        let _ = serve_stream("fuzz-net", &mut *d.borrow_mut(), theirs);
+    serve_input(data, |stream| {
+        DEV.with(|d| {
+            let _ = serve_stream("fuzz-net", &mut *d.borrow_mut(), stream);
+        })
     });
-    drop(ours);
-    let _ = replies.join();
 });

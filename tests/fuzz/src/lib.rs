@@ -80,3 +80,15 @@ pub fn drain_replies(s: &UnixStream) -> std::thread::JoinHandle<()> {
         while matches!(std::io::Read::read(&mut r, &mut buf), Ok(n) if n > 0) {}
     })
 }
+
+/// One fuzz input as one vhost-user connection: the messages go in on one end of a socket
+/// pair, `serve` serves the other end until the stream ends, and the answers are drained.
+pub fn serve_input(data: &[u8], serve: impl FnOnce(UnixStream)) {
+    let (ours, theirs) = UnixStream::pair().unwrap();
+    let replies = drain_replies(&ours);
+    send_messages(&ours, data);
+    let _ = ours.shutdown(std::net::Shutdown::Write);
+    serve(theirs);
+    drop(ours);
+    let _ = replies.join();
+}

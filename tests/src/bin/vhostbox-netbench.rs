@@ -259,15 +259,22 @@ fn run_vhostbox(w: &Workload, secs: f64, dir: &Path) -> Result<Sample, String> {
     } else {
         None
     };
-    let mut cpu0 = 0.0;
-    let (n, t) = drive(&mut dev, w, 0.5, secs, || cpu0 = cpu_secs(worker));
-    let cpu = cpu_secs(worker) - cpu0;
+    let sample = measure(&mut dev, w, secs, worker);
     stop.store(true, Ordering::Relaxed);
     if let Some(g) = gen {
         let _ = g.join();
     }
     drop(dev);
     drop(backend);
+    sample
+}
+
+/// Drives `dev` (0.5 s warm-up, then `secs`) and turns the count and the CPU time `pid` used
+/// meanwhile into a sample.
+fn measure(dev: &mut VhostUserDevice, w: &Workload, secs: f64, pid: i32) -> Result<Sample, String> {
+    let mut cpu0 = 0.0;
+    let (n, t) = drive(dev, w, 0.5, secs, || cpu0 = cpu_secs(pid));
+    let cpu = cpu_secs(pid) - cpu0;
     if n == 0 {
         return Err("no packets".into());
     }
@@ -363,18 +370,10 @@ fn run_testpmd(exe: &Path, w: &Workload, secs: f64, dir: &Path) -> Result<Sample
     }
     let mut dev = connect(&sock)?;
     let pid = pmd.child.id() as i32;
-    let mut cpu0 = 0.0;
-    let (n, t) = drive(&mut dev, w, 0.5, secs, || cpu0 = cpu_secs(pid));
-    let cpu = cpu_secs(pid) - cpu0;
+    let sample = measure(&mut dev, w, secs, pid);
     drop(dev);
     drop(pmd);
-    if n == 0 {
-        return Err("no packets".into());
-    }
-    Ok(Sample {
-        pps: n as f64 / t,
-        cpu_us_per_pkt: cpu * 1e6 / n as f64,
-    })
+    sample
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
