@@ -5,6 +5,7 @@
 pub mod daemon;
 pub mod inflight;
 pub mod logging;
+pub mod poll;
 pub mod ring;
 pub mod sandbox;
 pub mod size;

@@ -111,13 +111,20 @@ fn start(dir: &Path, engine: &str, extra: &[&str]) -> Backend {
 
 /// Random 4k writes then reads over 2 queues at queue depth 32, each block's content unique
 /// to its position and round; verified through the frontend and in the image on the host.
+/// Both engines, with the workers sleeping between passes (no polling) and polling for as
+/// long as they may.
 #[test]
 fn verified_io_two_queues_qd32() {
-    for engine in ENGINES {
+    for (engine, poll) in ENGINES.iter().flat_map(|&e| [(e, "0"), (e, "1000")]) {
+        let label = format!("{engine}, --poll-max-us {poll}");
         let dir = tempfile::tempdir().unwrap();
         let size = 32u64 << 20;
         let img = image(dir.path(), size);
-        let be = start(dir.path(), engine, &["--num-queues", "2"]);
+        let be = start(
+            dir.path(),
+            engine,
+            &["--num-queues", "2", "--poll-max-us", poll],
+        );
         const QD: usize = 32;
         const BS: usize = 4096;
         let mut c = Client::connect(&be.socket, 2, 2 * QD * BS);
@@ -142,7 +149,7 @@ fn verified_io_two_queues_qd32() {
             }
             for q in 0..2 {
                 for (_, ret) in c.wait(q, QD) {
-                    assert_eq!(ret, 0, "{engine}: write failed");
+                    assert_eq!(ret, 0, "{label}: write failed");
                 }
             }
         }
@@ -161,12 +168,12 @@ fn verified_io_two_queues_qd32() {
             let mut done = c.wait(0, n0);
             done.extend(c.wait(1, batch.len() - n0));
             for (j, ret) in done {
-                assert_eq!(ret, 0, "{engine}: read failed");
+                assert_eq!(ret, 0, "{label}: read failed");
                 let (lba, g) = batch[j];
                 pattern(&mut expect, lba, g);
                 assert!(
                     c.buf(j * BS, BS) == &expect[..],
-                    "{engine}: lba {lba} mismatch"
+                    "{label}: lba {lba} mismatch"
                 );
             }
         }
@@ -177,7 +184,7 @@ fn verified_io_two_queues_qd32() {
         for (&lba, &g) in &written {
             f.read_exact_at(&mut got, lba * BS as u64).unwrap();
             pattern(&mut expect, lba, g);
-            assert!(got == expect, "{engine}: image lba {lba} mismatch");
+            assert!(got == expect, "{label}: image lba {lba} mismatch");
         }
     }
 }
@@ -455,6 +462,10 @@ fn config_errors_exit_2() {
         (
             vec!["--socket-path", s, "--null", "1G", "--engine", "aio"],
             "invalid engine",
+        ),
+        (
+            vec!["--socket-path", s, "--null", "1G", "--poll-max-us", "5000"],
+            "--poll-max-us 5000 is out of range",
         ),
         (
             vec!["--socket-path", s, "--null", "1G", "--frobnicate"],

@@ -6,6 +6,9 @@ use clap::Parser;
 use vhostbox_common::daemon::ListenArgs;
 use vhostbox_common::sandbox::SandboxArgs;
 
+/// Default `--poll-max-us`.
+pub const DEFAULT_POLL_MAX_US: u32 = 50;
+
 /// A virtio-blk device backend over vhost-user.
 ///
 /// vhostbox-blk serves one virtio-blk device to a virtual machine monitor (QEMU,
@@ -85,6 +88,14 @@ pub struct Args {
     /// on the queue's worker thread).
     #[arg(long, value_name = "ENGINE", default_value = "io-uring")]
     pub engine: String,
+
+    /// Busy-poll budget, in microseconds: after each pass a queue's worker keeps looking at
+    /// its ring for up to this long before it sleeps, which spares the guest's kick and the
+    /// worker's wake-up when requests follow each other closely. The budget adapts per queue
+    /// (it grows while requests come sooner than this, drops to zero when the queue is quiet),
+    /// like QEMU's poll-max-ns. 0 turns polling off (0-1000).
+    #[arg(long, value_name = "US", default_value_t = DEFAULT_POLL_MAX_US)]
+    pub poll_max_us: u32,
 
     /// Logical block size exposed to the guest: 512 or 4096. Default: the host device's, or
     /// 512 for image files.

@@ -1,6 +1,7 @@
 //! Validated configuration, built from [`Args`] so tests can make one without argv.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use log::LevelFilter;
 use vhostbox_common::logging::parse_level;
@@ -30,6 +31,8 @@ pub struct Config {
     pub serial: [u8; VIRTIO_BLK_ID_BYTES],
     pub direct: bool,
     pub engine: EngineKind,
+    /// The most a queue worker busy-polls before sleeping (zero: never).
+    pub poll_max: Duration,
     pub logical_block_size: Option<u32>,
     pub writeback: bool,
     pub log_level: LevelFilter,
@@ -40,6 +43,9 @@ pub struct Config {
     /// Test builds: the escape the worker attempts after entering the jail.
     pub jail_probe: Option<String>,
 }
+
+/// The largest `--poll-max-us`.
+pub const MAX_POLL_US: u32 = 1000;
 
 /// The most queues a device may have (one worker thread each).
 pub const MAX_QUEUES: u16 = 64;
@@ -82,6 +88,12 @@ impl TryFrom<Args> for Config {
             }
         }
         let engine = a.engine.parse::<EngineKind>()?;
+        if a.poll_max_us > MAX_POLL_US {
+            return Err(format!(
+                "--poll-max-us {} is out of range 0-{MAX_POLL_US}",
+                a.poll_max_us
+            ));
+        }
         let log_level = parse_level(&a.log_level)?;
         let ids = a.sandbox.check()?;
         #[cfg(feature = "jail-probe")]
@@ -97,6 +109,7 @@ impl TryFrom<Args> for Config {
             serial,
             direct: a.direct,
             engine,
+            poll_max: Duration::from_micros(u64::from(a.poll_max_us)),
             logical_block_size: a.logical_block_size,
             writeback: !a.writethrough,
             log_level,
@@ -128,6 +141,7 @@ mod tests {
         assert_eq!(c.num_queues, 1);
         assert_eq!(c.queue_size, 256);
         assert_eq!(c.engine, EngineKind::IoUring);
+        assert_eq!(c.poll_max, Duration::from_micros(50));
         assert!(c.writeback);
         assert_eq!(c.serial, [0; 20]);
     }
@@ -151,6 +165,8 @@ mod tests {
             &["--serial", "012345678901234567890"],
             &["--logical-block-size", "1024"],
             &["--engine", "aio"],
+            &["--poll-max-us", "1001"],
+            &["--poll-max-us", "-1"],
             &["--log-level", "loud"],
             &["--bogus"],
             &["--sandbox", "vm"],

@@ -99,6 +99,14 @@ impl Engine {
         }
     }
 
+    /// Whether finished operations wait to be reaped (no system call).
+    pub fn has_completions(&mut self) -> bool {
+        match self {
+            Engine::Sync(_) => false,
+            Engine::Uring(u) => u.in_flight > 0 && !u.ring.completion().is_empty(),
+        }
+    }
+
     /// Blocks until at least one queued operation finished (no-op with nothing in flight).
     pub fn wait(&mut self) -> io::Result<()> {
         match self {

@@ -68,6 +68,7 @@ pub fn run(cfg: Config) -> i32 {
         num_queues: cfg.num_queues,
         queue_size: cfg.queue_size,
         engine: cfg.engine,
+        poll_max: cfg.poll_max,
     };
     let mut listener = listener;
     if cfg.sandbox == SandboxMode::None {

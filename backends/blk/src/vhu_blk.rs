@@ -4,6 +4,7 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
@@ -18,6 +19,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use vhostbox_common::daemon::{config_slice, Device, ExitEvents};
 use vhostbox_common::inflight::{InflightFd, InflightHook, InflightSlot};
+use vhostbox_common::poll::AdaptivePoll;
 use vhostbox_common::vu_shim::Shim;
 
 use crate::engine::{Engine, EngineKind, SyncEngine, UringEngine};
@@ -37,6 +39,8 @@ pub struct DeviceConfig {
     pub num_queues: u16,
     pub queue_size: u16,
     pub engine: EngineKind,
+    /// The most a queue worker busy-polls its ring before sleeping (zero: never).
+    pub poll_max: Duration,
 }
 
 /// The virtio features this device offers.
@@ -144,45 +148,95 @@ impl BlkBackend {
         let mut used = false;
         let mut completions = completions;
         let mut restart = false;
+        worker.poll.found_work(Instant::now());
+        let mut polling = worker.poll.max() > Duration::ZERO;
         loop {
-            // Loaded for every pass: a region the frontend added (ADD_MEM_REG, acknowledged
-            // before it queued requests that use it) must be visible to the next pass.
-            let mem = self.memory()?;
-            let queue = state.get_queue_mut();
-            if queue.ready() && !worker.tracking_started() {
-                // A predecessor may have died between publishing completions and notifying
-                // the guest, which would then wait forever: notify once at every start.
-                restart = true;
-                let tracker = self.inflight.get().and_then(|r| {
-                    let t = r.queue(queue_index, queue.size());
-                    if t.is_none() {
-                        warn!(
-                            "in-flight region of {} queues of {} does not cover queue \
-                             {queue_index} of {}: not tracking it",
-                            r.num_queues(),
-                            r.queue_size(),
-                            queue.size()
-                        );
-                    }
-                    t
-                });
-                used |= worker.start_tracking(tracker, queue, &mem)?;
+            worker.set_defer_rearm(polling);
+            loop {
+                // Loaded for every pass: a region the frontend added (ADD_MEM_REG,
+                // acknowledged before it queued requests that use it) must be visible to the
+                // next pass.
+                let mem = self.memory()?;
+                let queue = state.get_queue_mut();
+                if queue.ready() && !worker.tracking_started() {
+                    // A predecessor may have died between publishing completions and
+                    // notifying the guest, which would then wait forever: notify once at
+                    // every start.
+                    restart = true;
+                    let tracker = self.inflight.get().and_then(|r| {
+                        let t = r.queue(queue_index, queue.size());
+                        if t.is_none() {
+                            warn!(
+                                "in-flight region of {} queues of {} does not cover queue \
+                                 {queue_index} of {}: not tracking it",
+                                r.num_queues(),
+                                r.queue_size(),
+                                queue.size()
+                            );
+                        }
+                        t
+                    });
+                    used |= worker.start_tracking(tracker, queue, &mem)?;
+                }
+                used |= if completions {
+                    worker.process_completions(queue, &mem)?
+                } else if queue.ready() {
+                    worker.process_queue(queue, &mem)?
+                } else {
+                    false
+                };
+                let more = worker.take_more();
+                if restart || (used && state.needs_notification().map_err(io::Error::other)?) {
+                    state.signal_used_queue()?;
+                }
+                (used, restart) = (false, false);
+                if !more {
+                    break;
+                }
+                completions = false;
             }
-            used |= if completions {
-                worker.process_completions(queue, &mem)?
-            } else if queue.ready() {
-                worker.process_queue(queue, &mem)?
-            } else {
-                false
-            };
-            if !worker.take_more() {
+            if !polling {
                 break;
             }
-            completions = false;
+            // Before sleeping, look at the ring for a while (see vhostbox_common::poll): the
+            // driver's next batch often comes within microseconds, and finding it here spares
+            // its kick and this thread's wake-up. Only after passes that did something: a ring
+            // virtio-queue will not pop from must not keep the thread spinning.
+            let mem = self.memory()?;
+            let queue = state.get_queue_mut();
+            // Nor while the kernel works on this queue's I/O (buffered writes run on io_uring's
+            // worker threads): on a busy host they need the CPU this thread would spin on, and
+            // their completion wakes the thread anyway.
+            let found = if worker.take_progress()
+                && worker.accepting()
+                && worker.in_flight() == 0
+                && queue.ready()
+            {
+                worker.poll.idle(Instant::now());
+                let budget = worker.poll.budget();
+                worker.poll_for_work(queue, &mem, budget)
+            } else {
+                None
+            };
+            match found {
+                Some(c) => {
+                    worker.poll.found_work(Instant::now());
+                    completions = c;
+                }
+                None => {
+                    // Nothing came: notifications back on, then one more look, as a pass
+                    // without polling ends.
+                    worker.rearm(queue, &mem)?;
+                    if !worker.take_more() {
+                        break;
+                    }
+                    completions = false;
+                    polling = false;
+                }
+            }
         }
-        if restart || (used && state.needs_notification().map_err(io::Error::other)?) {
-            state.signal_used_queue()?;
-        }
+        worker.set_defer_rearm(false);
+        worker.poll.idle(Instant::now());
         Ok(())
     }
 
@@ -335,6 +389,7 @@ impl VhostUserBackend for BlkBackend {
         let r = self.stop_queue(q, &mut worker);
         // A restarted queue takes tracking up again, from the region current then.
         worker.stop_tracking();
+        worker.poll.reset();
         r
     }
 
@@ -456,6 +511,7 @@ impl Device for BlkDevice {
             .map(|i| {
                 let mut w =
                     QueueWorker::new(self.shared.clone(), pool[i].take(), self.cfg.queue_size);
+                w.poll = AdaptivePoll::new(self.cfg.poll_max);
                 let m = mem.clone();
                 w.set_memory_source(Box::new(move || load_memory(&m)));
                 Mutex::new(w)

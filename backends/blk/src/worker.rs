@@ -4,9 +4,11 @@
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
 use vhostbox_common::inflight::QueueTracker;
+use vhostbox_common::poll::AdaptivePoll;
 use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -82,6 +84,14 @@ pub struct QueueWorker {
     retried_empty: bool,
     /// Resubmitted heads not yet completed (for the log).
     watch: Vec<u16>,
+    /// Leave notifications off after a pass: the caller polls the ring, then calls `rearm`.
+    defer_rearm: bool,
+    /// Chains the last pass popped.
+    last_popped: usize,
+    /// A pass popped or completed something since `take_progress` was last called.
+    progress: bool,
+    /// How long to poll the ring after a pass before sleeping.
+    pub poll: AdaptivePoll,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
@@ -116,6 +126,10 @@ impl QueueWorker {
             watch: Vec::new(),
             more: false,
             mem_source: None,
+            defer_rearm: false,
+            last_popped: 0,
+            progress: false,
+            poll: AdaptivePoll::new(Duration::ZERO),
         }
     }
 
@@ -157,6 +171,21 @@ impl QueueWorker {
         if let Some(e) = self.engine.as_mut() {
             e.kick()?;
         }
+        self.last_popped = popped;
+        self.progress |= popped > 0;
+        if !self.defer_rearm {
+            self.rearm_after(queue, mem, popped)?;
+        }
+        Ok(used)
+    }
+
+    /// Re-enables notifications after the last pass (see `set_defer_rearm`); sets `more` if
+    /// requests arrived meanwhile.
+    pub fn rearm(&mut self, queue: &mut Queue, mem: &GuestMem) -> io::Result<()> {
+        self.rearm_after(queue, mem, self.last_popped)
+    }
+
+    fn rearm_after(&mut self, queue: &mut Queue, mem: &GuestMem, popped: usize) -> io::Result<()> {
         // Out of room: completions will call back in here; leave notifications off. Otherwise
         // re-enable them; if more arrived meanwhile, the caller runs another pass with a fresh
         // view of guest memory (the frontend may have added a region since `mem` was taken).
@@ -166,16 +195,57 @@ impl QueueWorker {
         let last_was_empty_retry = std::mem::take(&mut self.retried_empty);
         let retry = popped > 0 || !last_was_empty_retry;
         if !self.free.is_empty()
-            && queue
-                .enable_notification(&**mem)
-                .map_err(io::Error::other)?
-            && ring::avail_index_ok(queue, &**mem)
+            && queue.enable_notification(mem).map_err(io::Error::other)?
+            && ring::avail_index_ok(queue, mem)
             && retry
         {
             self.retried_empty = popped == 0;
             self.more = true;
         }
-        Ok(used)
+        Ok(())
+    }
+
+    /// With `defer` set, passes leave the driver's notifications off at their end, so a caller
+    /// that polls the ring afterwards is not kicked for what it finds; it must call `rearm`
+    /// before it sleeps.
+    pub fn set_defer_rearm(&mut self, defer: bool) {
+        self.defer_rearm = defer;
+    }
+
+    /// Whether a pass popped or completed anything since the last call. Clears the flag.
+    pub fn take_progress(&mut self) -> bool {
+        std::mem::take(&mut self.progress)
+    }
+
+    /// Whether new requests may be taken (not stopping).
+    pub fn accepting(&self) -> bool {
+        !self.stopping
+    }
+
+    /// Spins for up to `budget` until there is work: `Some(true)` for finished asynchronous
+    /// requests, `Some(false)` for new requests (with room to take them), `None` when the
+    /// budget ran out. Reads only shared memory: no system calls but the vDSO clock.
+    pub fn poll_for_work(
+        &mut self,
+        queue: &Queue,
+        mem: &GuestMem,
+        budget: Duration,
+    ) -> Option<bool> {
+        let deadline = Instant::now() + budget;
+        loop {
+            if self.engine.as_mut().is_some_and(|e| e.has_completions()) {
+                return Some(true);
+            }
+            if !self.free.is_empty() && !self.stopping && ring::has_avail(queue, mem) {
+                return Some(false);
+            }
+            if Instant::now() >= deadline {
+                return None;
+            }
+            for _ in 0..16 {
+                std::hint::spin_loop();
+            }
+        }
     }
 
     /// Reads chain `head` into `self.descs`; a chain that ends early is parsed as far as it
@@ -306,6 +376,7 @@ impl QueueWorker {
         let mut done = std::mem::take(&mut self.done);
         engine.reap(&mut done);
         let mut used = false;
+        self.progress |= !done.is_empty();
         for c in done.drain(..) {
             used |= self.complete(c, queue, mem)?;
         }
@@ -872,6 +943,81 @@ mod tests {
             let rec = region.queue(0, QSIZE).unwrap().recover(5);
             assert!(rec.resubmit.is_empty(), "{kind:?}: {rec:?}");
             assert_eq!(rec.next_avail, Some(5));
+        });
+    }
+
+    /// Polling: a deferred pass leaves the driver's kicks off (EVENT_IDX: avail_event not
+    /// moved) until `rearm`; `poll_for_work` finds new requests and finished I/O, gives up
+    /// after its budget on an empty or broken ring, and takes nothing once stopping.
+    #[test]
+    fn polling_finds_work_and_defers_kicks() {
+        for_engines(|kind| {
+            let e = env(1 << 20, false);
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            q.set_event_idx(true);
+            let avail_event = GuestAddress(vq.used_addr().0 + 4 + 8 * u64::from(QSIZE));
+            let event = |mem: &GuestMem| -> u16 { mem.read_obj(avail_event).unwrap() };
+            let budget = Duration::from_micros(200);
+            let mut w = worker(&e, kind);
+            w.set_defer_rearm(true);
+
+            // Empty ring: nothing found, after the budget.
+            let t = Instant::now();
+            assert_eq!(w.poll_for_work(&q, &e.mem, budget), None);
+            assert!(t.elapsed() >= budget);
+
+            header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
+            add_chain(&vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+            assert_eq!(w.poll_for_work(&q, &e.mem, budget), Some(false));
+            w.process_queue(&mut q, &e.mem).unwrap();
+            w.drain(&mut q, &e.mem).unwrap();
+            assert_eq!(q.next_used(), 1);
+            assert!(w.take_progress());
+            assert!(!w.take_more());
+            assert_eq!(event(&e.mem), 0, "a deferred pass must not ask for kicks");
+            assert_eq!(w.poll_for_work(&q, &e.mem, budget), None);
+            w.rearm(&mut q, &e.mem).unwrap();
+            assert_eq!(event(&e.mem), 1, "rearm asks for the next kick");
+            assert!(!w.take_more());
+
+            // A read in flight on io_uring: its completion is found without the eventfd.
+            if kind == EngineKind::IoUring {
+                header(&e.mem, HDR, VIRTIO_BLK_T_IN, 0);
+                add_chain(
+                    &vq,
+                    2,
+                    &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
+                );
+                w.process_queue(&mut q, &e.mem).unwrap();
+                if w.in_flight() > 0 {
+                    let found = w.poll_for_work(&q, &e.mem, Duration::from_secs(5));
+                    assert_eq!(found, Some(true));
+                    w.process_completions(&mut q, &e.mem).unwrap();
+                }
+                assert_eq!(q.next_used(), 2);
+                assert_eq!(w.in_flight(), 0);
+            }
+
+            // A broken avail index (more than a queue ahead) is not work.
+            let idx: u16 = e.mem.read_obj(GuestAddress(vq.avail_addr().0 + 2)).unwrap();
+            e.mem
+                .write_obj(
+                    idx.wrapping_add(QSIZE + 3),
+                    GuestAddress(vq.avail_addr().0 + 2),
+                )
+                .unwrap();
+            assert_eq!(w.poll_for_work(&q, &e.mem, budget), None);
+            e.mem
+                .write_obj(idx, GuestAddress(vq.avail_addr().0 + 2))
+                .unwrap();
+
+            // Stopping: new requests are not work any more.
+            add_chain(&vq, 6, &[(HDR, 16, false), (STATUS, 1, true)]);
+            assert_eq!(w.poll_for_work(&q, &e.mem, budget), Some(false));
+            w.quiesce();
+            assert!(!w.accepting());
+            assert_eq!(w.poll_for_work(&q, &e.mem, budget), None);
         });
     }
 

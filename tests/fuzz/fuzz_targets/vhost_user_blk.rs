@@ -29,6 +29,8 @@ thread_local! {
             num_queues: 2,
             queue_size: 64,
             engine: EngineKind::Sync,
+            // Polling on, so the poll path sees the same hostile rings.
+            poll_max: std::time::Duration::from_micros(50),
         };
         BlkDevice::new(shared, cfg).unwrap()
     });

@@ -141,6 +141,9 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
             Dev::Null => cmd.args(["--null", "1G"]),
             Dev::File => cmd.arg("--image").arg(img),
         };
+        if let Ok(extra) = std::env::var("VHOSTBOX_BENCH_ARGS") {
+            cmd.args(extra.split_whitespace());
+        }
     } else {
         cmd = Command::new("qemu-storage-daemon");
         match dev {
