@@ -5,7 +5,8 @@
 #
 #   scripts/bench.sh [--rounds N] [--secs S] [--only SUBSTR] [--out DIR]
 # Default: 3 rounds of 3 s per workload, results in build/bench/ (results.md, results.csv,
-# iops.svg). Release builds; the backends run jailed as shipped.
+# iops.svg). Release builds; the backends run jailed as shipped. VHOSTBOX_BENCH_ARGS adds flags
+# to the vhostbox-blk contenders (e.g. "--poll-max-us 0").
 #
 #   scripts/bench.sh --net [--rounds N] [--secs S] [--only tx64,rx1500,..] [--no-testpmd]
 #                          [--out FILE.md]
