@@ -186,14 +186,17 @@ impl BlkBackend {
                     false
                 };
                 let more = worker.take_more();
+                // Reads the kernel served at once (io_uring from the page cache) are already
+                // complete: publish them now rather than on the eventfd's next wake-up.
+                let done = worker.has_completions();
                 if restart || (used && state.needs_notification().map_err(io::Error::other)?) {
                     state.signal_used_queue()?;
                 }
                 (used, restart) = (false, false);
-                if !more {
+                if !more && !done {
                     break;
                 }
-                completions = false;
+                completions = done;
             }
             if !polling {
                 break;
