@@ -45,7 +45,6 @@ pub struct Shared {
 /// Counters, for logs and tests.
 #[derive(Default)]
 pub struct Stats {
-    pub requests: AtomicU64,
     pub errors: AtomicU64,
     /// Requests a previous worker left in flight and this process submitted again.
     pub resubmitted: AtomicU64,
@@ -524,7 +523,6 @@ impl QueueWorker {
 
     /// Starts one request. Returns true if it completed on the spot (a used entry was added).
     fn start(&mut self, head: u16, queue: &mut Queue, mem: &Arc<GuestMem>) -> io::Result<bool> {
-        self.shared.stats.requests.fetch_add(1, Ordering::Relaxed);
         #[cfg(feature = "jail-probe")]
         vhostbox_common::sandbox::probe::tick();
         let limits = Limits {
