@@ -473,13 +473,7 @@ pub fn serve_stream<D: Device>(
     device: &mut D,
     stream: UnixStream,
 ) -> Result<(), DaemonError> {
-    let backend = device.connect().map_err(DaemonError::Device)?;
-    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-    let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), mem)
-        .map_err(DaemonError::VhostUser)?;
-    device
-        .attach(&backend, &daemon.get_epoll_handlers())
-        .map_err(DaemonError::Device)?;
+    let (backend, mut daemon) = open_connection(name, device)?;
     let shim = device
         .shim()
         .ok_or_else(|| DaemonError::Device(io::Error::other("the device has no relay")))?;
@@ -488,13 +482,45 @@ pub fn serve_stream<D: Device>(
         .map_err(DaemonError::Device)
         .and_then(|l| daemon.start(l).map_err(DaemonError::VhostUser));
     let r = started.and_then(|_| daemon.wait().map_err(DaemonError::VhostUser));
+    close_connection(device, daemon, backend);
+    rearm_relay(device)?;
+    r
+}
+
+/// A fresh backend for the next frontend and the vhost-user daemon that will serve it, with the
+/// device's extra fds in the worker threads' epolls.
+fn open_connection<D: Device>(
+    name: &str,
+    device: &mut D,
+) -> Result<(D::Backend, VhostUserDaemon<D::Backend>), DaemonError> {
+    let backend = device.connect().map_err(DaemonError::Device)?;
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), mem)
+        .map_err(DaemonError::VhostUser)?;
+    device
+        .attach(&backend, &daemon.get_epoll_handlers())
+        .map_err(DaemonError::Device)?;
+    Ok((backend, daemon))
+}
+
+/// Ends a connection: dropping the daemon stops and joins the worker threads; the backend's
+/// per-connection state (memory maps, vrings, in-flight requests) goes with it.
+fn close_connection<D: Device>(
+    device: &mut D,
+    daemon: VhostUserDaemon<D::Backend>,
+    backend: D::Backend,
+) {
     drop(daemon);
     drop(backend);
     device.disconnected();
-    if let Some(shim) = device.shim() {
-        shim.rearm().map_err(DaemonError::Device)?;
+}
+
+/// Readies the device's relay, if it has one, for the next frontend.
+fn rearm_relay<D: Device>(device: &mut D) -> Result<(), DaemonError> {
+    match device.shim() {
+        Some(shim) => shim.rearm().map_err(DaemonError::Device),
+        None => Ok(()),
     }
-    r
 }
 
 /// Serves frontends on `listener` until SIGTERM/SIGINT (or, with `once`, until the first
@@ -510,13 +536,7 @@ pub fn serve<D: Device>(
     let st = start_signal_thread(listener.raw_fd()).map_err(DaemonError::Signals)?;
     info!("ready; waiting for a frontend");
     while wait_for_connection(listener.raw_fd(), &st)? {
-        let backend = device.connect().map_err(DaemonError::Device)?;
-        let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
-        let mut daemon = VhostUserDaemon::new(name.to_owned(), backend.clone(), mem)
-            .map_err(DaemonError::VhostUser)?;
-        device
-            .attach(&backend, &daemon.get_epoll_handlers())
-            .map_err(DaemonError::Device)?;
+        let (backend, mut daemon) = open_connection(name, device)?;
         let started = match device.shim() {
             None => daemon.start(&mut listener.listener),
             Some(shim) => match listener.listener.accept() {
@@ -556,17 +576,11 @@ pub fn serve<D: Device>(
             Err(e) => error!("connection ended with an error: {e}"),
         }
         *st.connection.lock().unwrap_or_else(|e| e.into_inner()) = None;
-        // Dropping the daemon stops and joins the worker threads; the backend's per-connection
-        // state (memory maps, vrings, in-flight requests) goes with it.
-        drop(daemon);
-        drop(backend);
-        device.disconnected();
+        close_connection(device, daemon, backend);
         if once {
             return Ok(());
         }
-        if let Some(shim) = device.shim() {
-            shim.rearm().map_err(DaemonError::Device)?;
-        }
+        rearm_relay(device)?;
         if !st.requested.load(Ordering::SeqCst) {
             info!("waiting for the next frontend");
         }

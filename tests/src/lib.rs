@@ -27,6 +27,26 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// Creates a sparse file of `bytes` at `path` (a fresh disk image) and returns its path.
+pub fn sparse_image(path: &Path, bytes: u64) -> PathBuf {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(bytes))
+        .unwrap_or_else(|e| panic!("cannot create {}: {e}", path.display()));
+    path.to_owned()
+}
+
+/// vhostbox-blk's arguments to serve `image` on `socket`, followed by `extra`.
+pub fn blk_args<'a>(socket: &'a Path, image: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut v = vec![
+        "--socket-path",
+        socket.to_str().expect("utf-8 socket path"),
+        "--image",
+        image.to_str().expect("utf-8 image path"),
+    ];
+    v.extend_from_slice(extra);
+    v
+}
+
 /// A backend process, killed on drop.
 pub struct Backend {
     pub child: Child,
@@ -38,6 +58,11 @@ impl Backend {
     /// Starts `bin` with `args` and waits until `socket` exists (the backend binds it).
     pub fn start(bin: &str, socket: &Path, args: &[&str]) -> Backend {
         Backend::start_exe(&bin_path(bin), socket, args)
+    }
+
+    /// vhostbox-blk serving `image` on `socket`, with `extra` arguments.
+    pub fn blk(socket: &Path, image: &Path, extra: &[&str]) -> Backend {
+        Backend::start("vhostbox-blk", socket, &blk_args(socket, image, extra))
     }
 
     /// Like `start`, for an executable given by path.

@@ -18,29 +18,23 @@ use std::time::{Duration, Instant};
 use vhostbox_tests::frontend::{
     DeviceOptions, VhostUserDevice, Virtqueue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
-use vhostbox_tests::{pattern, Backend};
+use vhostbox_tests::{pattern, sparse_image, Backend};
 
 const QSIZE: u16 = 128;
 const T_OUT: u32 = 1;
 
 fn start(dir: &Path, size: u64) -> (Backend, std::path::PathBuf) {
-    let img = dir.join("disk.img");
-    fs::File::create(&img).unwrap().set_len(size).unwrap();
-    start_on(dir, &img)
+    start_on(dir, &sparse_image(&dir.join("disk.img"), size))
 }
 
 /// A backend on `dir`/blk.sock serving the existing image `img`.
 fn start_on(dir: &Path, img: &Path) -> (Backend, std::path::PathBuf) {
     let img = img.to_owned();
     let sock = dir.join("blk.sock");
-    let b = Backend::start(
-        "vhostbox-blk",
+    let b = Backend::blk(
         &sock,
+        &img,
         &[
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--image",
-            img.to_str().unwrap(),
             "--num-queues",
             "2",
             "--queue-size",

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use blkio::{Blkio, Blkioq, Completion, MemoryRegion, ReqFlags};
-use vhostbox_tests::{pattern, run_to_exit, Backend, SmallFs};
+use vhostbox_tests::{pattern, run_to_exit, sparse_image, Backend, SmallFs};
 
 const ENGINES: [&str; 2] = ["io-uring", "sync"];
 const BLK: &str = "vhostbox-blk";
@@ -92,10 +92,7 @@ impl Drop for Client {
 }
 
 fn image(dir: &Path, size: u64) -> std::path::PathBuf {
-    let p = dir.join("disk.img");
-    let f = fs::File::create(&p).unwrap();
-    f.set_len(size).unwrap();
-    p
+    sparse_image(&dir.join("disk.img"), size)
 }
 
 fn start(dir: &Path, engine: &str, extra: &[&str]) -> Backend {
@@ -528,22 +525,11 @@ fn full_backing_store_fails_only_the_requests_it_hits() {
     for engine in ENGINES {
         let fs_ = SmallFs::new(4);
         let img = fs_.path().join("disk.img");
-        fs::File::create(&img).unwrap().set_len(16 << 20).unwrap();
+        sparse_image(&img, 16 << 20);
         let filler = fs_.path().join("filler");
         fs::write(&filler, vec![1u8; 3 << 20]).unwrap();
         let sock = fs_.path().join("blk.sock");
-        let mut be = Backend::start(
-            BLK,
-            &sock,
-            &[
-                "--socket-path",
-                sock.to_str().unwrap(),
-                "--image",
-                img.to_str().unwrap(),
-                "--engine",
-                engine,
-            ],
-        );
+        let mut be = Backend::blk(&sock, &img, &["--engine", engine]);
         let mut c = Client::connect(&be.socket, 1, 2 << 20);
         // 256 KiB fit.
         pattern(c.buf(0, 256 << 10), 0, 1);

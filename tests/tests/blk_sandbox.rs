@@ -14,7 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use blkio::{Blkio, Completion, ReqFlags};
-use vhostbox_tests::{pattern, run_to_exit, Backend};
+use vhostbox_tests::{blk_args, pattern, run_to_exit, sparse_image, Backend};
 
 const BLK: &str = "vhostbox-blk";
 
@@ -33,20 +33,7 @@ fn probe_bin() -> PathBuf {
 }
 
 fn image(dir: &Path) -> PathBuf {
-    let p = dir.join("disk.img");
-    fs::File::create(&p).unwrap().set_len(16 << 20).unwrap();
-    p
-}
-
-fn args<'a>(sock: &'a Path, img: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut v = vec![
-        "--socket-path",
-        sock.to_str().unwrap(),
-        "--image",
-        img.to_str().unwrap(),
-    ];
-    v.extend_from_slice(extra);
-    v
+    sparse_image(&dir.join("disk.img"), 16 << 20)
 }
 
 /// Connects with libblkio, writes a 64 KiB pattern at `lba`, reads it back and compares; also
@@ -178,7 +165,7 @@ fn worker_is_jailed_while_idle_and_serving() {
         let be = Backend::start(
             BLK,
             &sock,
-            &args(&sock, &img, &["--engine", engine, "--num-queues", "2"]),
+            &blk_args(&sock, &img, &["--engine", engine, "--num-queues", "2"]),
         );
         let idle = be.worker_pid();
         be.wait_log("ready; waiting for a frontend");
@@ -286,7 +273,7 @@ fn run_probe(probe: &str, seccomp: &str) -> String {
     let be = Backend::start_exe(
         &probe_bin(),
         &sock,
-        &args(&sock, &img, &["--seccomp", seccomp, "--jail-probe", &spec]),
+        &blk_args(&sock, &img, &["--seccomp", seccomp, "--jail-probe", &spec]),
     );
     let log = be.wait_log("worker started, pid");
     // The outcome: the probe's own report, or the supervisor's seccomp report.
@@ -377,7 +364,7 @@ fn chroot_mode_serves_jailed_as_nobody() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let sock = dir.path().join("blk.sock");
-    let be = Backend::start(BLK, &sock, &args(&sock, &img, &["--sandbox", "chroot"]));
+    let be = Backend::start(BLK, &sock, &blk_args(&sock, &img, &["--sandbox", "chroot"]));
     let w = be.worker_pid();
     be.wait_log("ready; waiting for a frontend");
     let st = status(w);
@@ -393,7 +380,7 @@ fn explicit_user_and_no_sandbox() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let sock = dir.path().join("blk.sock");
-    let be = Backend::start(BLK, &sock, &args(&sock, &img, &["--user", "4242:4343"]));
+    let be = Backend::start(BLK, &sock, &blk_args(&sock, &img, &["--user", "4242:4343"]));
     let w = be.worker_pid();
     be.wait_log("ready; waiting for a frontend");
     let st = status(w);
@@ -403,7 +390,7 @@ fn explicit_user_and_no_sandbox() {
     drop(be);
 
     let sock2 = dir.path().join("blk2.sock");
-    let be = Backend::start(BLK, &sock2, &args(&sock2, &img, &["--sandbox", "none"]));
+    let be = Backend::start(BLK, &sock2, &blk_args(&sock2, &img, &["--sandbox", "none"]));
     let log = be.wait_log("ready");
     assert!(
         log.contains("WARN") && log.contains("sandbox"),
@@ -423,7 +410,7 @@ fn bad_user_is_a_usage_error() {
         ("root", "root"),
         ("12:x", "12:x"),
     ] {
-        let (code, err) = run_to_exit(BLK, &args(&sock, &img, &["--user", user]));
+        let (code, err) = run_to_exit(BLK, &blk_args(&sock, &img, &["--user", user]));
         assert_eq!(code, 2, "--user {user}: {err}");
         assert!(err.contains(needle), "--user {user}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "not one line: {err}");
@@ -438,7 +425,7 @@ fn worker_dies_with_its_supervisor() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let sock = dir.path().join("blk.sock");
-    let mut be = Backend::start(BLK, &sock, &args(&sock, &img, &[]));
+    let mut be = Backend::start(BLK, &sock, &blk_args(&sock, &img, &[]));
     let w = be.worker_pid();
     be.wait_log("ready; waiting for a frontend");
     assert_eq!(status(w)["PPid"], be.pid().to_string());
@@ -473,7 +460,7 @@ fn supervisor_keeps_only_what_it_needs() {
     let dir = tempfile::tempdir().unwrap();
     let img = image(dir.path());
     let sock = dir.path().join("blk.sock");
-    let be = Backend::start(BLK, &sock, &args(&sock, &img, &[]));
+    let be = Backend::start(BLK, &sock, &blk_args(&sock, &img, &[]));
     be.worker_pid();
     let st = status(be.pid());
     // SAFETY: geteuid has no arguments.

@@ -13,9 +13,8 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use vhostbox_tests::{guest_dir, pattern, repo, result_value, Backend};
+use vhostbox_tests::{guest_dir, pattern, repo, result_value, sparse_image, Backend};
 
-const BLK: &str = "vhostbox-blk";
 const DISK_MB: u64 = 64;
 const RO_MB: u64 = 8;
 
@@ -38,11 +37,7 @@ fn vm_disk_test(engine: &str) {
     let d = dir.path();
 
     // The read-write disk starts sparse; the read-only one holds a known pattern.
-    let img = d.join("disk.img");
-    fs::File::create(&img)
-        .unwrap()
-        .set_len(DISK_MB << 20)
-        .unwrap();
+    let img = sparse_image(&d.join("disk.img"), DISK_MB << 20);
     let ro_img = d.join("ro.img");
     let mut ro = vec![0u8; (RO_MB << 20) as usize];
     for (i, chunk) in ro.chunks_mut(4096).enumerate() {
@@ -53,14 +48,10 @@ fn vm_disk_test(engine: &str) {
 
     let sock = d.join("vda.sock");
     let ro_sock = d.join("vdb.sock");
-    let mut rw = Backend::start(
-        BLK,
+    let mut rw = Backend::blk(
         &sock,
+        &img,
         &[
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--image",
-            img.to_str().unwrap(),
             "--num-queues",
             "2",
             "--serial",
@@ -69,20 +60,10 @@ fn vm_disk_test(engine: &str) {
             engine,
         ],
     );
-    let mut rob = Backend::start(
-        BLK,
+    let mut rob = Backend::blk(
         &ro_sock,
-        &[
-            "--socket-path",
-            ro_sock.to_str().unwrap(),
-            "--image",
-            ro_img.to_str().unwrap(),
-            "--readonly",
-            "--num-queues",
-            "2",
-            "--engine",
-            engine,
-        ],
+        &ro_img,
+        &["--readonly", "--num-queues", "2", "--engine", engine],
     );
 
     // /test.sh: the stock blk-test.sh on each disk, plus what the driver sees.

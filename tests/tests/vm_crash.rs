@@ -25,7 +25,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use vhostbox_tests::netns::NetNs;
-use vhostbox_tests::{guest_dir, repo, result_value, Backend, SmallFs};
+use vhostbox_tests::{blk_args, guest_dir, repo, result_value, sparse_image, Backend, SmallFs};
 
 const RECONNECT_MS: &str = "200";
 const KILLS: usize = 20;
@@ -233,20 +233,9 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
     let Some(guest) = guest_dir() else { return };
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let img = d.join("disk.img");
-    fs::File::create(&img)
-        .unwrap()
-        .set_len(DISK_MB << 20)
-        .unwrap();
+    let img = sparse_image(&d.join("disk.img"), DISK_MB << 20);
     let sock = d.join("vda.sock");
-    let mut args = vec![
-        "--socket-path",
-        sock.to_str().unwrap(),
-        "--image",
-        img.to_str().unwrap(),
-        "--num-queues",
-        "2",
-    ];
+    let mut args = blk_args(&sock, &img, &["--num-queues", "2"]);
     args.extend_from_slice(extra);
     let mut backend = Backend::start_exe(exe, &sock, &args);
     let mut vm = Vm::start(
@@ -487,20 +476,11 @@ fn vm_blk_full_backing_store_fails_writes_then_recovers() {
     let small = SmallFs::new(24);
     let mnt = small.path();
     let img = mnt.join("disk.img");
-    fs::File::create(&img).unwrap().set_len(32 << 20).unwrap();
+    sparse_image(&img, 32 << 20);
     let filler = mnt.join("filler");
     fs::write(&filler, vec![1u8; 12 << 20]).unwrap();
     let sock = d.join("vda.sock");
-    let mut backend = Backend::start(
-        "vhostbox-blk",
-        &sock,
-        &[
-            "--socket-path",
-            sock.to_str().unwrap(),
-            "--image",
-            img.to_str().unwrap(),
-        ],
-    );
+    let mut backend = Backend::blk(&sock, &img, &[]);
     const GO_BLOCK: u64 = 7936; // 31 MiB
     let script = format!(
         "#!/bin/sh\n\
