@@ -152,7 +152,7 @@ impl BlkBackend {
         let mut polling = worker.poll.max() > Duration::ZERO;
         loop {
             worker.set_defer_rearm(polling);
-            loop {
+            let mem = loop {
                 // Loaded for every pass: a region the frontend added (ADD_MEM_REG,
                 // acknowledged before it queued requests that use it) must be visible to the
                 // next pass.
@@ -194,18 +194,18 @@ impl BlkBackend {
                 }
                 (used, restart) = (false, false);
                 if !more && !done {
-                    break;
+                    break mem;
                 }
                 completions = done;
-            }
+            };
             if !polling {
                 break;
             }
             // Before sleeping, look at the ring for a while (see vhostbox_common::poll): the
             // driver's next batch often comes within microseconds, and finding it here spares
             // its kick and this thread's wake-up. Only after passes that did something: a ring
-            // virtio-queue will not pop from must not keep the thread spinning.
-            let mem = self.memory()?;
+            // virtio-queue will not pop from must not keep the thread spinning. (The memory
+            // of the last pass serves for looking; the next pass loads it afresh.)
             let queue = state.get_queue_mut();
             // Nor while the kernel works on this queue's I/O (buffered writes run on io_uring's
             // worker threads): on a busy host they need the CPU this thread would spin on, and

@@ -162,18 +162,14 @@ impl QueueWorker {
             .disable_notification(&**mem)
             .map_err(io::Error::other)?;
         let mut popped = 0usize;
+        let mut cut = false;
         self.pass_bytes = 0;
         while !self.free.is_empty() && !self.stopping {
             if self.pass_bytes >= PASS_BYTES && ring::has_avail(queue, &**mem) {
                 // Enough data for one pass: let the caller publish and notify, so the driver
                 // works on these completions while the next pass runs.
-                if let Some(e) = self.engine.as_mut() {
-                    e.kick()?;
-                }
-                self.last_popped = popped;
-                self.progress = true;
-                self.more = true;
-                return Ok(used);
+                cut = true;
+                break;
             }
             let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
                 break;
@@ -191,7 +187,9 @@ impl QueueWorker {
         }
         self.last_popped = popped;
         self.progress |= popped > 0;
-        if !self.defer_rearm {
+        if cut {
+            self.more = true;
+        } else if !self.defer_rearm {
             self.rearm_after(queue, mem, popped)?;
         }
         Ok(used)
