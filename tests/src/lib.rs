@@ -16,8 +16,12 @@ pub fn bin_path(name: &str) -> PathBuf {
         return Path::new(&dir).join(name);
     }
     let exe = std::env::current_exe().expect("current_exe");
-    // target/<profile>/deps/<test>-<hash>
-    let dir = exe.parent().and_then(Path::parent).expect("target dir");
+    // A test runs as target/<profile>/deps/<test>-<hash>; a tool (the benchmarks) as
+    // target/<profile>/<tool>, next to the binaries.
+    let mut dir = exe.parent().expect("target dir");
+    if dir.file_name().is_some_and(|n| n == "deps") {
+        dir = dir.parent().expect("target dir");
+    }
     let p = dir.join(name);
     assert!(
         p.exists(),

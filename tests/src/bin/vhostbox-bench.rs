@@ -3,7 +3,8 @@
 //! IOPS, MiB/s, latency (mean, p50, p99) and the backend's CPU time per I/O (utime + stime of
 //! its whole process tree, from /proc). Contenders alternate (A B C A B C ...) over several
 //! rounds so machine drift hits all of them; the report gives medians and ratios against the
-//! first contender that is not vhostbox (qemu-storage-daemon).
+//! first contender that is not vhostbox (qemu-storage-daemon). Workloads named "polled" use a
+//! client that spins on its used ring instead of sleeping on the completion eventfd.
 //!
 //!   vhostbox-bench [--rounds N] [--secs S] [--only SUBSTR] [--out DIR]
 //!
@@ -32,6 +33,10 @@ struct Workload {
     bs: usize,
     qd: usize,
     queues: usize,
+    /// The client spins on its used ring (a libblkio poll queue) instead of sleeping on the
+    /// completion eventfd: what a polling frontend (SPDK, DPDK) sees, with no wake-ups on
+    /// either side. Both contenders get the same client.
+    poll_client: bool,
 }
 
 const WORKLOADS: &[Workload] = &[
@@ -42,6 +47,7 @@ const WORKLOADS: &[Workload] = &[
         bs: 4096,
         qd: 1,
         queues: 1,
+        poll_client: false,
     },
     Workload {
         name: "4k randread QD32",
@@ -50,6 +56,7 @@ const WORKLOADS: &[Workload] = &[
         bs: 4096,
         qd: 32,
         queues: 1,
+        poll_client: false,
     },
     Workload {
         name: "4k randread QD32x2q",
@@ -58,6 +65,7 @@ const WORKLOADS: &[Workload] = &[
         bs: 4096,
         qd: 32,
         queues: 2,
+        poll_client: false,
     },
     Workload {
         name: "4k randwrite QD32",
@@ -66,6 +74,7 @@ const WORKLOADS: &[Workload] = &[
         bs: 4096,
         qd: 32,
         queues: 1,
+        poll_client: false,
     },
     Workload {
         name: "128k seqread QD8",
@@ -74,6 +83,25 @@ const WORKLOADS: &[Workload] = &[
         bs: 128 << 10,
         qd: 8,
         queues: 1,
+        poll_client: false,
+    },
+    Workload {
+        name: "4k randread QD1 polled",
+        write: false,
+        random: true,
+        bs: 4096,
+        qd: 1,
+        queues: 1,
+        poll_client: true,
+    },
+    Workload {
+        name: "4k randread QD32 polled",
+        write: false,
+        random: true,
+        bs: 4096,
+        qd: 32,
+        queues: 1,
+        poll_client: true,
     },
 ];
 
@@ -286,7 +314,14 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
         b.set_str("path", sock.to_str().unwrap())
             .map_err(|e| e.to_string())?;
         b.connect().map_err(|e| format!("connect: {e}"))?;
-        b.set_i32("num-queues", w.queues as i32)
+        let (irq, poll) = if w.poll_client {
+            (0, w.queues)
+        } else {
+            (w.queues, 0)
+        };
+        b.set_i32("num-queues", irq as i32)
+            .map_err(|e| e.to_string())?;
+        b.set_i32("num-poll-queues", poll as i32)
             .map_err(|e| e.to_string())?;
         let out = b.start().map_err(|e| format!("start: {e}"))?;
         let len = w.queues * w.qd * w.bs;
@@ -298,8 +333,12 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
         let until = warm + Duration::from_secs_f64(secs);
         let mut cpu_warm = 0.0;
         let results: Vec<(u64, Vec<u32>)> = std::thread::scope(|s| {
-            let hs: Vec<_> = out
-                .queues
+            let qs = if w.poll_client {
+                out.poll_queues
+            } else {
+                out.queues
+            };
+            let hs: Vec<_> = qs
                 .into_iter()
                 .enumerate()
                 .map(|(i, q)| {
