@@ -27,7 +27,8 @@ pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
         allow(
             SYS_preadv2,
             "preadv2",
-            "the same, on libcs that use preadv2",
+            "io-uring engine: reads served from the page cache on the spot (RWF_NOWAIT); \
+             the sync engine's preadv on libcs that use preadv2",
         ),
         allow(
             SYS_pwritev2,

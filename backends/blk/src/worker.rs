@@ -30,6 +30,9 @@ pub const MAX_SEGMENTS: usize = libc::UIO_MAXIOV as usize;
 /// then reach the driver one or two at a time instead of a whole batch at the end, and it
 /// resubmits while the rest are copied. Small requests still go 32 to a pass.
 pub const PASS_BYTES: usize = 128 << 10;
+/// A read at least this large is served from the page cache on the spot when it can be
+/// (`Engine::read_now`): its copy costs more than the ring round trip it would be batched in.
+pub const READ_NOW_BYTES: usize = 64 << 10;
 /// Most discard / write-zeroes segments per request (advertised in the config space).
 pub const MAX_DISCARD_SEGMENTS: u32 = 32;
 
@@ -713,11 +716,31 @@ impl QueueWorker {
             self.finish(queue, mem, head, status, VIRTIO_BLK_S_IOERR, 1)?;
             return Ok(true);
         }
-        slot.mem = Some(mem.clone());
         let engine = self
             .engine
             .as_mut()
             .expect("file-backed devices have an engine");
+        if let Op::Read { offset } = op {
+            // A read the ring would carry alone (nothing queued, nothing more waiting), or a
+            // large one, is cheaper served now if the page cache has it all.
+            let len: usize = slot.iov.iter().map(|v| v.iov_len).sum();
+            let alone = engine.queued() == 0 && !ring::has_avail(queue, &**mem);
+            if alone || len >= READ_NOW_BYTES {
+                // SAFETY: the iovecs point into guest memory checked by get_slices and kept
+                // mapped by `mem` for the duration of the call.
+                if let Some(n) = unsafe { engine.read_now(offset, &slot.iov) } {
+                    return self.complete(
+                        Completion {
+                            token,
+                            result: Ok(n),
+                        },
+                        queue,
+                        mem,
+                    );
+                }
+            }
+        }
+        slot.mem = Some(mem.clone());
         // SAFETY: the iovecs point into guest memory checked by get_slices, kept mapped by the
         // slot's Arc until the completion is reaped; the iovec array lives in the slot, which
         // is not touched until then either.
@@ -1044,21 +1067,32 @@ mod tests {
             assert_eq!(event(&e.mem), 1, "rearm asks for the next kick");
             assert!(!w.take_more());
 
-            // A read in flight on io_uring: its completion is found without the eventfd.
+            // Reads in flight on io_uring (two in one pass, so the ring carries them rather
+            // than the page cache serving them on the spot): their completions are found
+            // without the eventfd.
             if kind == EngineKind::IoUring {
                 header(&e.mem, HDR, VIRTIO_BLK_T_IN, 0);
+                header(&e.mem, HDR + 0x100, VIRTIO_BLK_T_IN, 8);
                 add_chain(
                     &vq,
                     2,
                     &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
                 );
+                add_chain(
+                    &vq,
+                    9,
+                    &[
+                        (HDR + 0x100, 16, false),
+                        (DATA2, 4096, true),
+                        (STATUS + 0x100, 1, true),
+                    ],
+                );
                 w.process_queue(&mut q, &e.mem).unwrap();
-                if w.in_flight() > 0 {
-                    let found = w.poll_for_work(&q, &e.mem, Duration::from_secs(5));
-                    assert_eq!(found, Some(true));
-                    w.process_completions(&mut q, &e.mem).unwrap();
-                }
-                assert_eq!(q.next_used(), 2);
+                assert_eq!(w.in_flight(), 2);
+                let found = w.poll_for_work(&q, &e.mem, Duration::from_secs(5));
+                assert_eq!(found, Some(true));
+                w.process_completions(&mut q, &e.mem).unwrap();
+                assert_eq!(q.next_used(), 3);
                 assert_eq!(w.in_flight(), 0);
             }
 
@@ -1082,6 +1116,98 @@ mod tests {
             assert!(!w.accepting());
             assert_eq!(w.poll_for_work(&q, &e.mem, budget), None);
         });
+    }
+
+    /// io-uring engine: a read issued alone, or a large one, is served from the page cache on
+    /// the spot (nothing left in flight after the pass); reads that share a pass go through
+    /// the ring; an O_DIRECT image never reads on the spot. The data is right every way.
+    #[test]
+    fn lone_and_large_reads_are_served_from_the_cache_now() {
+        let read =
+            |vq: &MockSplitQueue<GuestMem>, mem: &GuestMem, k: u64, sector: u64, len: u32| {
+                header(mem, HDR + 0x100 * k, VIRTIO_BLK_T_IN, sector);
+                add_chain(
+                    vq,
+                    (k * 3) as u16,
+                    &[
+                        (HDR + 0x100 * k, 16, false),
+                        (DATA + (k << 17), len, true),
+                        (STATUS + 0x100 * k, 1, true),
+                    ],
+                );
+            };
+        let expect = |mem: &GuestMem, k: u64, sector: u64, len: usize| {
+            assert_eq!(status(mem, STATUS + 0x100 * k), VIRTIO_BLK_S_OK);
+            let mut got = vec![0u8; len];
+            mem.read_slice(&mut got, GuestAddress(DATA + (k << 17)))
+                .unwrap();
+            let want: Vec<u8> = (0..len as u64)
+                .map(|i| (((sector << 9) + i) % 251) as u8)
+                .collect();
+            assert!(got == want, "request {k}: wrong data");
+        };
+        for direct in [false, true] {
+            let e = env(1 << 20, false);
+            let pattern: Vec<u8> = (0..1u64 << 20).map(|i| (i % 251) as u8).collect();
+            std::fs::OpenOptions::new()
+                .write(true)
+                .open(&e.path)
+                .unwrap()
+                .write_all_at(&pattern, 0)
+                .unwrap();
+            let e = if direct {
+                let disk = match Disk::open(&e.path, false, true, None) {
+                    Ok(d) => d,
+                    Err(err) => {
+                        eprintln!("skipping the O_DIRECT half: {err}");
+                        continue;
+                    }
+                };
+                let shared = Arc::new(Shared {
+                    disk,
+                    serial: e.shared.serial,
+                    writeback: AtomicBool::new(true),
+                    stats: Stats::default(),
+                });
+                Env { shared, ..e }
+            } else {
+                e
+            };
+            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut q: Queue = vq.create_queue().unwrap();
+            let mut w = worker(&e, EngineKind::IoUring);
+
+            // Alone: done on the spot unless O_DIRECT.
+            read(&vq, &e.mem, 0, 8, 4096);
+            w.process_queue(&mut q, &e.mem).unwrap();
+            assert_eq!(w.in_flight(), usize::from(direct));
+            w.drain(&mut q, &e.mem).unwrap();
+            assert_eq!(q.next_used(), 1);
+            expect(&e.mem, 0, 8, 4096);
+
+            // Two in one pass: both through the ring.
+            read(&vq, &e.mem, 1, 16, 4096);
+            read(&vq, &e.mem, 2, 40, 4096);
+            w.process_queue(&mut q, &e.mem).unwrap();
+            assert_eq!(w.in_flight(), 2);
+            w.drain(&mut q, &e.mem).unwrap();
+            assert_eq!(q.next_used(), 3);
+            expect(&e.mem, 1, 16, 4096);
+            expect(&e.mem, 2, 40, 4096);
+
+            // Large, with another request waiting: on the spot, then the pass ends.
+            read(&vq, &e.mem, 3, 256, PASS_BYTES as u32);
+            read(&vq, &e.mem, 4, 0, PASS_BYTES as u32);
+            w.process_queue(&mut q, &e.mem).unwrap();
+            assert_eq!(q.next_avail(), 4, "the pass ends after {PASS_BYTES} bytes");
+            assert_eq!(w.in_flight(), usize::from(direct));
+            w.drain(&mut q, &e.mem).unwrap();
+            assert!(w.take_more());
+            run(&mut w, &mut q, &e.mem);
+            assert_eq!(q.next_used(), 5);
+            expect(&e.mem, 3, 256, PASS_BYTES);
+            expect(&e.mem, 4, 0, PASS_BYTES);
+        }
     }
 
     /// Regression (found by the net_queue fuzz target, the same loop shape): an avail index
