@@ -723,9 +723,8 @@ impl QueueWorker {
         if let Op::Read { offset } = op {
             // A read the ring would carry alone (nothing queued, nothing more waiting), or a
             // large one, is cheaper served now if the page cache has it all.
-            let len: usize = slot.iov.iter().map(|v| v.iov_len).sum();
-            let alone = engine.queued() == 0 && !ring::has_avail(queue, &**mem);
-            if alone || len >= READ_NOW_BYTES {
+            let large = slot.iov.iter().map(|v| v.iov_len).sum::<usize>() >= READ_NOW_BYTES;
+            if large || (engine.queued() == 0 && !ring::has_avail(queue, &**mem)) {
                 // SAFETY: the iovecs point into guest memory checked by get_slices and kept
                 // mapped by `mem` for the duration of the call.
                 if let Some(n) = unsafe { engine.read_now(offset, &slot.iov) } {
