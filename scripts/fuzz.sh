@@ -1,15 +1,15 @@
 #!/usr/bin/env bash
-# Builds every fuzz target (tests/fuzz, cargo-fuzz + libFuzzer with AddressSanitizer) and runs
+# Builds every fuzz target (fuzz, cargo-fuzz + libFuzzer with AddressSanitizer) and runs
 # each for a while. CI runs it briefly; docs/fuzzing.md says how to run for hours.
 #
 #   scripts/fuzz.sh [--time SECS] [--jobs N] [TARGET ...]
 #     --time SECS   how long each target runs (default 10)
 #     --jobs N      parallel fuzzing processes per target (default 1)
-#     TARGET        only these targets (default: all; `cargo fuzz list --fuzz-dir tests/fuzz`)
+#     TARGET        only these targets (default: all; `cargo fuzz list --fuzz-dir fuzz`)
 #
 # A crash, a timeout (a hang: 10 s on one input) or a leak fails the run; libFuzzer writes the
-# input to tests/fuzz/artifacts/TARGET/ and this script prints how to replay it. Corpora grow
-# in tests/fuzz/corpus/TARGET/ (not in git). The vhost_user_net target needs root (it creates
+# input to fuzz/artifacts/TARGET/ and this script prints how to replay it. Corpora grow
+# in fuzz/corpus/TARGET/ (not in git). The vhost_user_net target needs root (it creates
 # its tap in a network namespace of its own).
 set -euo pipefail
 
@@ -34,8 +34,8 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 # cargo-fuzz builds with -Z flags (the sanitizer); a stable toolchain accepts them with this.
 export RUSTC_BOOTSTRAP=1
-cd "$root/tests/fuzz"
-export LSAN_OPTIONS="suppressions=$root/tests/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
+cd "$root/fuzz"
+export LSAN_OPTIONS="suppressions=$root/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 if [ "${#targets[@]}" -eq 0 ]; then
     mapfile -t targets < <(cargo fuzz list --fuzz-dir .)
 fi
@@ -52,7 +52,7 @@ for t in "${targets[@]}"; do
         "${par[@]}" -print_final_stats=1 >"artifacts/$t.log" 2>&1; then
         fail=1
         grep -E "ERROR|SUMMARY|Test unit written" "artifacts/$t.log" || tail -20 "artifacts/$t.log"
-        echo "fuzz.sh: $t failed; replay: (cd tests/fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir . -O $t artifacts/$t/<file>)" >&2
+        echo "fuzz.sh: $t failed; replay: (cd fuzz && RUSTC_BOOTSTRAP=1 cargo fuzz run --fuzz-dir . -O $t artifacts/$t/<file>)" >&2
     else
         grep -E "^stat::number_of_executed_units|^stat::peak_rss_mb" "artifacts/$t.log" | tr '\n' ' '
         echo "corpus $(find "corpus/$t" -type f | wc -l) inputs"

@@ -42,13 +42,27 @@ use std::sync::{Arc, Mutex};
 
 use log::{debug, warn};
 
-use crate::vu_shim::{Action, Hook, Msg};
+use vhost::vhost_user::message::{
+    DescStateSplit, FrontendReq, QueueRegionSplit, VhostUserInflight,
+};
+use vm_memory::ByteValued;
+
+use crate::relay::{Action, Hook, Msg};
 
 /// The region layout version this module writes.
 pub const VERSION: u16 = 1;
-const HEADER: usize = 16;
-const DESC: usize = 16;
+/// The queue header: QueueRegionSplit up to its descriptor array.
+const HEADER: usize = std::mem::offset_of!(QueueRegionSplit, desc);
+const DESC: usize = std::mem::size_of::<DescStateSplit>();
 const ALIGN: usize = 64;
+// Field offsets in the queue header and in one descriptor's state.
+const VERSION_AT: usize = std::mem::offset_of!(QueueRegionSplit, version);
+const DESC_NUM_AT: usize = std::mem::offset_of!(QueueRegionSplit, desc_num);
+const LAST_BATCH_AT: usize = std::mem::offset_of!(QueueRegionSplit, last_batch_head);
+const USED_IDX_AT: usize = std::mem::offset_of!(QueueRegionSplit, used_idx);
+const INFLIGHT_AT: usize = std::mem::offset_of!(DescStateSplit, inflight);
+const NEXT_AT: usize = std::mem::offset_of!(DescStateSplit, next);
+const COUNTER_AT: usize = std::mem::offset_of!(DescStateSplit, counter);
 
 /// Bytes one queue's region takes for `queue_size` descriptors.
 pub fn queue_region_size(queue_size: u16) -> usize {
@@ -317,19 +331,19 @@ impl QueueTracker {
     }
 
     pub fn version(&self) -> u16 {
-        self.rd(8)
+        self.rd(VERSION_AT)
     }
 
     /// Whether descriptor `head` is marked in flight.
     pub fn is_inflight(&self, head: u16) -> bool {
-        head < self.size && self.rd::<u8>(Self::desc(head)) == 1
+        head < self.size && self.rd::<u8>(Self::desc(head) + INFLIGHT_AT) == 1
     }
 
     /// Reads the state a predecessor left, repairs its last batch and says what to resubmit.
     /// `ring_used_idx` is used->idx as the guest sees it now.
     pub fn recover(&mut self, ring_used_idx: u16) -> Recovered {
-        let version: u16 = self.rd(8);
-        let desc_num: u16 = self.rd(10);
+        let version: u16 = self.rd(VERSION_AT);
+        let desc_num: u16 = self.rd(DESC_NUM_AT);
         if version != VERSION || desc_num != self.size {
             if version != 0 {
                 warn!(
@@ -340,18 +354,18 @@ impl QueueTracker {
             }
             for i in 0..self.size {
                 self.wr::<u64>(Self::desc(i), 0);
-                self.wr::<u64>(Self::desc(i) + 8, 0);
+                self.wr::<u64>(Self::desc(i) + COUNTER_AT, 0);
             }
             self.wr::<u64>(0, 0);
-            self.wr::<u16>(10, self.size);
-            self.wr::<u16>(12, 0);
-            self.wr::<u16>(14, ring_used_idx);
-            self.wr::<u16>(8, VERSION);
+            self.wr::<u16>(DESC_NUM_AT, self.size);
+            self.wr::<u16>(LAST_BATCH_AT, 0);
+            self.wr::<u16>(USED_IDX_AT, ring_used_idx);
+            self.wr::<u16>(VERSION_AT, VERSION);
             self.counter = 0;
             return Recovered::default();
         }
         let mut out = Recovered::default();
-        let region_used: u16 = self.rd(14);
+        let region_used: u16 = self.rd(USED_IDX_AT);
         if region_used != ring_used_idx {
             // The last batch reached the used ring but was not cleared here.
             let batch = ring_used_idx.wrapping_sub(region_used);
@@ -361,23 +375,23 @@ impl QueueTracker {
                      not a batch of this queue; not repairing"
                 );
             } else {
-                let mut h: u16 = self.rd(12);
+                let mut h: u16 = self.rd(LAST_BATCH_AT);
                 for _ in 0..batch {
                     if h >= self.size {
                         break;
                     }
-                    if self.rd::<u8>(Self::desc(h)) != 0 {
+                    if self.rd::<u8>(Self::desc(h) + INFLIGHT_AT) != 0 {
                         out.repaired += 1;
                     }
-                    self.wr::<u8>(Self::desc(h), 0);
-                    h = self.rd(Self::desc(h) + 6);
+                    self.wr::<u8>(Self::desc(h) + INFLIGHT_AT, 0);
+                    h = self.rd(Self::desc(h) + NEXT_AT);
                 }
             }
-            self.wr::<u16>(14, ring_used_idx);
+            self.wr::<u16>(USED_IDX_AT, ring_used_idx);
         }
         let mut list: Vec<(u64, u16)> = (0..self.size)
-            .filter(|&i| self.rd::<u8>(Self::desc(i)) == 1)
-            .map(|i| (self.rd::<u64>(Self::desc(i) + 8), i))
+            .filter(|&i| self.rd::<u8>(Self::desc(i) + INFLIGHT_AT) == 1)
+            .map(|i| (self.rd::<u64>(Self::desc(i) + COUNTER_AT), i))
             .collect();
         list.sort_unstable();
         self.counter = list.last().map_or(0, |&(c, _)| c.wrapping_add(1));
@@ -393,8 +407,8 @@ impl QueueTracker {
         }
         let c = self.counter;
         self.counter = c.wrapping_add(1);
-        self.wr::<u64>(Self::desc(head) + 8, c);
-        self.wr::<u8>(Self::desc(head), 1);
+        self.wr::<u64>(Self::desc(head) + COUNTER_AT, c);
+        self.wr::<u8>(Self::desc(head) + INFLIGHT_AT, 1);
     }
 
     /// Step 2: `head` is about to be published in the used ring.
@@ -402,109 +416,91 @@ impl QueueTracker {
         if head >= self.size {
             return;
         }
-        let last: u16 = self.rd(12);
-        self.wr::<u16>(Self::desc(head) + 6, last);
-        self.wr::<u16>(12, head);
+        let last: u16 = self.rd(LAST_BATCH_AT);
+        self.wr::<u16>(Self::desc(head) + NEXT_AT, last);
+        self.wr::<u16>(LAST_BATCH_AT, head);
     }
 
     /// Step 3: `head` is in the used ring, whose index is now `used_idx`.
     pub fn after_used(&mut self, head: u16, used_idx: u16) {
         if head < self.size {
-            self.wr::<u8>(Self::desc(head), 0);
+            self.wr::<u8>(Self::desc(head) + INFLIGHT_AT, 0);
         }
-        self.wr::<u16>(14, used_idx);
+        self.wr::<u16>(USED_IDX_AT, used_idx);
     }
 }
 
-const SET_VRING_KICK: u32 = 12;
-const GET_INFLIGHT_FD: u32 = 31;
-const SET_INFLIGHT_FD: u32 = 32;
-/// The message payload: mmap_size, mmap_offset, num_queues, queue_size (repr(C): 24 bytes).
-const PAYLOAD: usize = 24;
-
 /// Answers GET_INFLIGHT_FD and SET_INFLIGHT_FD in the relay in front of vhost-user-backend
-/// (see [`crate::vu_shim`]), which has no support for them, and kicks every queue once when it
+/// (see [`crate::relay`]), which has no support for them, and kicks every queue once when it
 /// starts with a region set, so requests a predecessor left in flight are resubmitted without
 /// waiting for the guest (which already made them available and will not kick again).
 pub struct InflightHook {
-    pub fd: Arc<InflightFd>,
+    pub fd: InflightFd,
     pub slot: Arc<InflightSlot>,
 }
 
-fn parse_payload(p: &[u8]) -> Option<(u64, u64, u16, u16)> {
-    if p.len() < 20 {
-        return None;
-    }
-    let u64_at = |o: usize| u64::from_le_bytes(p[o..o + 8].try_into().unwrap());
-    let u16_at = |o: usize| u16::from_le_bytes(p[o..o + 2].try_into().unwrap());
-    Some((u64_at(0), u64_at(8), u16_at(16), u16_at(18)))
+fn reply(inflight: VhostUserInflight, fds: Vec<OwnedFd>) -> Action {
+    let payload = inflight.as_slice().to_vec();
+    Action::Answer(Some(Msg::reply(FrontendReq::GET_INFLIGHT_FD, payload, fds)))
 }
 
-fn payload(mmap_size: u64, num_queues: u16, queue_size: u16) -> Vec<u8> {
-    let mut p = vec![0u8; PAYLOAD];
-    p[0..8].copy_from_slice(&mmap_size.to_le_bytes());
-    p[16..18].copy_from_slice(&num_queues.to_le_bytes());
-    p[18..20].copy_from_slice(&queue_size.to_le_bytes());
-    p
+impl InflightHook {
+    fn get(&mut self, msg: &Msg) -> Action {
+        let Some(ask) = msg.payload_as::<VhostUserInflight>() else {
+            warn!("GET_INFLIGHT_FD with a {}-byte payload", msg.payload.len());
+            return reply(VhostUserInflight::default(), vec![]);
+        };
+        let (nq, qs) = (ask.num_queues, ask.queue_size);
+        // A size of 0 and no fd tells the frontend that tracking is off.
+        let (size, fds) = match self.fd.prepare(nq, qs) {
+            Ok(size) => match dup(self.fd.raw_fd()) {
+                Ok(fd) => (size, vec![fd]),
+                Err(e) => {
+                    warn!("GET_INFLIGHT_FD: {e}");
+                    (0, vec![])
+                }
+            },
+            Err(e) => {
+                warn!("GET_INFLIGHT_FD refused: {e}");
+                (0, vec![])
+            }
+        };
+        debug!("GET_INFLIGHT_FD: {nq} queues of {qs}: {size} bytes");
+        reply(VhostUserInflight::new(size, 0, nq, qs), fds)
+    }
+
+    fn set(&mut self, msg: &mut Msg) -> Action {
+        let r = match (msg.payload_as::<VhostUserInflight>(), msg.fds.first()) {
+            (Some(i), Some(fd)) => {
+                let (size, off, nq, qs) = (i.mmap_size, i.mmap_offset, i.num_queues, i.queue_size);
+                InflightRegion::map(fd, size, off, nq, qs).map(|r| {
+                    debug!("SET_INFLIGHT_FD: {nq} queues of {qs}");
+                    self.slot.set(r)
+                })
+            }
+            _ => Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "needs a 24-byte payload and one fd",
+            )),
+        };
+        if let Err(e) = &r {
+            warn!("SET_INFLIGHT_FD refused: {e}");
+        }
+        // The fd is not kept: the mapping holds the memory.
+        msg.fds.clear();
+        Action::Answer(
+            msg.needs_reply()
+                .then(|| Msg::ack(FrontendReq::SET_INFLIGHT_FD, r.is_ok())),
+        )
+    }
 }
 
 impl Hook for InflightHook {
     fn on_frontend(&mut self, msg: &mut Msg) -> Action {
         match msg.request() {
-            GET_INFLIGHT_FD => {
-                let Some((_, _, nq, qs)) = parse_payload(&msg.payload) else {
-                    warn!("GET_INFLIGHT_FD with a {}-byte payload", msg.payload.len());
-                    return Action::Answer(Some(Msg::reply(
-                        GET_INFLIGHT_FD,
-                        payload(0, 0, 0),
-                        vec![],
-                    )));
-                };
-                // A size of 0 and no fd tells the frontend that tracking is off.
-                let (size, fds) = match self.fd.prepare(nq, qs) {
-                    Ok(size) => match dup(self.fd.raw_fd()) {
-                        Ok(fd) => (size, vec![fd]),
-                        Err(e) => {
-                            warn!("GET_INFLIGHT_FD: {e}");
-                            (0, vec![])
-                        }
-                    },
-                    Err(e) => {
-                        warn!("GET_INFLIGHT_FD refused: {e}");
-                        (0, vec![])
-                    }
-                };
-                debug!("GET_INFLIGHT_FD: {nq} queues of {qs}: {size} bytes");
-                Action::Answer(Some(Msg::reply(
-                    GET_INFLIGHT_FD,
-                    payload(size, nq, qs),
-                    fds,
-                )))
-            }
-            SET_INFLIGHT_FD => {
-                let r = match (parse_payload(&msg.payload), msg.fds.first()) {
-                    (Some((size, off, nq, qs)), Some(fd)) => {
-                        InflightRegion::map(fd, size, off, nq, qs).map(|r| {
-                            debug!("SET_INFLIGHT_FD: {nq} queues of {qs}");
-                            self.slot.set(r)
-                        })
-                    }
-                    _ => Err(io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "needs a 24-byte payload and one fd",
-                    )),
-                };
-                if let Err(e) = &r {
-                    warn!("SET_INFLIGHT_FD refused: {e}");
-                }
-                // The fd is not kept: the mapping holds the memory.
-                msg.fds.clear();
-                Action::Answer(
-                    msg.needs_reply()
-                        .then(|| Msg::ack(SET_INFLIGHT_FD, r.is_ok())),
-                )
-            }
-            SET_VRING_KICK => {
+            Some(FrontendReq::GET_INFLIGHT_FD) => self.get(msg),
+            Some(FrontendReq::SET_INFLIGHT_FD) => self.set(msg),
+            Some(FrontendReq::SET_VRING_KICK) => {
                 if self.slot.get().is_some() {
                     if let Some(fd) = msg.fds.first() {
                         let one = 1u64;
@@ -638,13 +634,13 @@ mod tests {
         let mut t = r.queue(0, 4).unwrap();
         t.recover(0);
         // A frontend writes nonsense: a batch list pointing out of range, a huge lag.
-        t.wr::<u16>(12, 999);
-        t.wr::<u16>(14, 3);
-        t.wr::<u8>(QueueTracker::desc(1), 1);
+        t.wr::<u16>(LAST_BATCH_AT, 999);
+        t.wr::<u16>(USED_IDX_AT, 3);
+        t.wr::<u8>(QueueTracker::desc(1) + INFLIGHT_AT, 1);
         let rec = r.queue(0, 4).unwrap().recover(5);
         assert_eq!(rec.resubmit, vec![1]);
         let mut t = r.queue(0, 4).unwrap();
-        t.wr::<u16>(14, 100);
+        t.wr::<u16>(USED_IDX_AT, 100);
         let rec = t.recover(5);
         assert_eq!(
             rec.resubmit,
@@ -652,7 +648,7 @@ mod tests {
             "a lag larger than the queue repairs nothing"
         );
         // A desc_num that does not match the queue starts the region afresh.
-        t.wr::<u16>(10, 7);
+        t.wr::<u16>(DESC_NUM_AT, 7);
         assert_eq!(t.recover(5), Recovered::default());
         assert!(!t.is_inflight(1));
         // Out-of-range heads are ignored.

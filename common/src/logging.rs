@@ -32,10 +32,15 @@ impl Log for StderrLogger {
     fn flush(&self) {}
 }
 
+/// A log level name that is none of the known ones.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid log level '{0}': use off, error, warn, info, debug or trace")]
+pub struct LevelError(pub String);
+
 /// Parses a level name (`off`, `error`, `warn`, `info`, `debug`, `trace`).
-pub fn parse_level(s: &str) -> Result<LevelFilter, String> {
+pub fn parse_level(s: &str) -> Result<LevelFilter, LevelError> {
     s.parse::<LevelFilter>()
-        .map_err(|_| format!("invalid log level '{s}': use off, error, warn, info, debug or trace"))
+        .map_err(|_| LevelError(s.to_owned()))
 }
 
 /// Installs the logger once; later calls are ignored.

@@ -3,8 +3,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use vhostbox_common::daemon::ListenArgs;
-use vhostbox_common::sandbox::SandboxArgs;
+use vhostbox_common::cli::CommonArgs;
 
 /// Default `--poll-max-us`.
 pub const DEFAULT_POLL_MAX_US: u32 = 50;
@@ -48,7 +47,7 @@ pub const DEFAULT_POLL_MAX_US: u32 = 50;
 )]
 pub struct Args {
     #[command(flatten)]
-    pub listen: ListenArgs,
+    pub common: CommonArgs,
 
     /// Raw disk image file or host block device to serve.
     #[arg(
@@ -106,17 +105,4 @@ pub struct Args {
     /// completes). The guest can change the mode (VIRTIO_BLK_F_CONFIG_WCE).
     #[arg(long)]
     pub writethrough: bool,
-
-    /// Log level: off, error, warn, info, debug, trace. VHOSTBOX_LOG overrides it.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub log_level: String,
-
-    #[command(flatten)]
-    pub sandbox: SandboxArgs,
-
-    /// Test builds only: after entering the jail, the worker attempts this escape and reports
-    /// the outcome (see docs/security.md).
-    #[cfg(feature = "jail-probe")]
-    #[arg(long, value_name = "ATTEMPT", hide = true)]
-    pub jail_probe: Option<String>,
 }

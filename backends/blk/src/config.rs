@@ -3,16 +3,14 @@
 use std::path::PathBuf;
 use std::time::Duration;
 
-use log::LevelFilter;
-use vhostbox_common::logging::parse_level;
-use vhostbox_common::sandbox::{Ids, SandboxMode, SeccompMode};
-use vhostbox_common::size::parse_size;
+use vhostbox_common::cli::{check_count, check_queue_size, CommonConfig, CommonError};
+use vhostbox_common::size::{parse_size, SizeError};
 
 use crate::args::Args;
 use crate::engine::EngineKind;
 use crate::request::VIRTIO_BLK_ID_BYTES;
 
-pub use vhostbox_common::daemon::ListenOn;
+pub use vhostbox_common::listener::ListenOn;
 
 /// What backs the device.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,9 +19,9 @@ pub enum Backing {
     Null(u64),
 }
 
+/// vhostbox-blk's own settings (the common ones are in [`CommonConfig`]).
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: ListenOn,
     pub backing: Backing,
     pub readonly: bool,
     pub num_queues: u16,
@@ -31,93 +29,83 @@ pub struct Config {
     pub serial: [u8; VIRTIO_BLK_ID_BYTES],
     pub direct: bool,
     pub engine: EngineKind,
-    /// The most a queue worker busy-polls before sleeping (zero: never).
+    /// The most a queue busy-polls before its thread sleeps (zero: never).
     pub poll_max: Duration,
     pub logical_block_size: Option<u32>,
     pub writeback: bool,
-    pub log_level: LevelFilter,
-    pub sandbox: SandboxMode,
-    pub seccomp: SeccompMode,
-    /// The jailed worker's ids on the host.
-    pub ids: Ids,
-    /// Test builds: the escape the worker attempts after entering the jail.
-    pub jail_probe: Option<String>,
 }
 
 /// The largest `--poll-max-us`.
 pub const MAX_POLL_US: u32 = 1000;
 
-/// The most queues a device may have (one worker thread each).
+/// The most queues a device may have (one queue thread each).
 pub const MAX_QUEUES: u16 = 64;
 
-impl TryFrom<Args> for Config {
-    type Error = String;
+/// Why the command line cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    #[error("exactly one of --image and --null is required")]
+    Backing,
+    #[error("--null")]
+    NullSize(#[source] SizeError),
+    #[error(transparent)]
+    Count(#[from] vhostbox_common::cli::CountError),
+    #[error(transparent)]
+    QueueSize(#[from] vhostbox_common::cli::QueueSizeError),
+    #[error("--serial '{0}' is {1} bytes, at most {VIRTIO_BLK_ID_BYTES} fit")]
+    Serial(String, usize),
+    #[error("--logical-block-size {0} must be 512 or 4096")]
+    BlockSize(u32),
+    #[error(transparent)]
+    Engine(#[from] crate::engine::EngineKindError),
+    #[error("--poll-max-us {0} is out of range 0-{MAX_POLL_US}")]
+    PollMax(u32),
+}
 
-    fn try_from(a: Args) -> Result<Self, String> {
-        let listen = a.listen.to_listen_on()?;
+impl TryFrom<Args> for (CommonConfig, Config) {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        let common = CommonConfig::try_from(a.common)?;
         let backing = match (a.image, a.null) {
             (Some(p), None) => Backing::Image(p),
-            (None, Some(s)) => Backing::Null(parse_size(&s).map_err(|e| format!("--null: {e}"))?),
-            _ => return Err("exactly one of --image and --null is required".into()),
+            (None, Some(s)) => Backing::Null(parse_size(&s).map_err(ConfigError::NullSize)?),
+            _ => return Err(ConfigError::Backing),
         };
-        if a.num_queues == 0 || a.num_queues > MAX_QUEUES {
-            return Err(format!(
-                "--num-queues {} is out of range 1-{MAX_QUEUES}",
-                a.num_queues
-            ));
-        }
-        if !a.queue_size.is_power_of_two() || !(2..=1024).contains(&a.queue_size) {
-            return Err(format!(
-                "--queue-size {} must be a power of two between 2 and 1024",
-                a.queue_size
-            ));
-        }
+        let num_queues = check_count("--num-queues", a.num_queues, MAX_QUEUES)?;
+        let queue_size = check_queue_size(a.queue_size)?;
         let mut serial = [0u8; VIRTIO_BLK_ID_BYTES];
         if let Some(s) = a.serial {
             if s.len() > VIRTIO_BLK_ID_BYTES {
-                return Err(format!(
-                    "--serial '{s}' is {} bytes, at most {VIRTIO_BLK_ID_BYTES} fit",
-                    s.len()
-                ));
+                let n = s.len();
+                return Err(ConfigError::Serial(s, n));
             }
             serial[..s.len()].copy_from_slice(s.as_bytes());
         }
         if let Some(bs) = a.logical_block_size {
             if bs != 512 && bs != 4096 {
-                return Err(format!("--logical-block-size {bs} must be 512 or 4096"));
+                return Err(ConfigError::BlockSize(bs));
             }
         }
         let engine = a.engine.parse::<EngineKind>()?;
         if a.poll_max_us > MAX_POLL_US {
-            return Err(format!(
-                "--poll-max-us {} is out of range 0-{MAX_POLL_US}",
-                a.poll_max_us
-            ));
+            return Err(ConfigError::PollMax(a.poll_max_us));
         }
-        let log_level = parse_level(&a.log_level)?;
-        let ids = a.sandbox.check()?;
-        #[cfg(feature = "jail-probe")]
-        let jail_probe = a.jail_probe;
-        #[cfg(not(feature = "jail-probe"))]
-        let jail_probe = None;
-        Ok(Config {
-            listen,
+        let cfg = Config {
             backing,
             readonly: a.readonly,
-            num_queues: a.num_queues,
-            queue_size: a.queue_size,
+            num_queues,
+            queue_size,
             serial,
             direct: a.direct,
             engine,
             poll_max: Duration::from_micros(u64::from(a.poll_max_us)),
             logical_block_size: a.logical_block_size,
             writeback: !a.writethrough,
-            log_level,
-            sandbox: a.sandbox.sandbox,
-            seccomp: a.sandbox.seccomp,
-            ids,
-            jail_probe,
-        })
+        };
+        Ok((common, cfg))
     }
 }
 
@@ -126,17 +114,21 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn parse(argv: &[&str]) -> Result<Config, String> {
+    fn parse_both(argv: &[&str]) -> Result<(CommonConfig, Config), String> {
         let mut v = vec!["vhostbox-blk"];
         v.extend_from_slice(argv);
         let a = Args::try_parse_from(v).map_err(|e| e.to_string())?;
-        Config::try_from(a)
+        <(CommonConfig, Config)>::try_from(a).map_err(|e| e.to_string())
+    }
+
+    fn parse(argv: &[&str]) -> Result<Config, String> {
+        parse_both(argv).map(|(_, c)| c)
     }
 
     #[test]
     fn defaults() {
-        let c = parse(&["--socket-path", "/tmp/s", "--image", "/tmp/i"]).unwrap();
-        assert_eq!(c.listen, ListenOn::Path("/tmp/s".into()));
+        let (common, c) = parse_both(&["--socket-path", "/tmp/s", "--image", "/tmp/i"]).unwrap();
+        assert_eq!(common.listen, ListenOn::Path("/tmp/s".into()));
         assert_eq!(c.backing, Backing::Image("/tmp/i".into()));
         assert_eq!(c.num_queues, 1);
         assert_eq!(c.queue_size, 256);
@@ -148,8 +140,8 @@ mod tests {
 
     #[test]
     fn null_with_suffix_and_fd() {
-        let c = parse(&["--fd", "3", "--null", "8G", "--engine", "sync"]).unwrap();
-        assert_eq!(c.listen, ListenOn::Fd(3));
+        let (common, c) = parse_both(&["--fd", "3", "--null", "8G", "--engine", "sync"]).unwrap();
+        assert_eq!(common.listen, ListenOn::Fd(3));
         assert_eq!(c.backing, Backing::Null(8 << 30));
         assert_eq!(c.engine, EngineKind::Sync);
     }

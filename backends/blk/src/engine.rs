@@ -27,13 +27,18 @@ pub enum EngineKind {
     Sync,
 }
 
+/// An `--engine` that is neither io-uring nor sync.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid engine '{0}': use io-uring or sync")]
+pub struct EngineKindError(pub String);
+
 impl std::str::FromStr for EngineKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
+    type Err = EngineKindError;
+    fn from_str(s: &str) -> Result<Self, EngineKindError> {
         match s {
             "io-uring" | "io_uring" => Ok(Self::IoUring),
             "sync" => Ok(Self::Sync),
-            _ => Err(format!("invalid engine '{s}': use io-uring or sync")),
+            _ => Err(EngineKindError(s.to_owned())),
         }
     }
 }

@@ -1,170 +1,170 @@
 //! vhostbox-blk: a virtio-blk device backend over vhost-user.
 //!
-//! Layers, from the bottom: [`disk`] (the backing store), [`engine`] (how I/O is carried
-//! out: io_uring or synchronous), [`request`] (parsing a descriptor chain), [`worker`] (one
-//! queue's processing, free of vhost-user types), [`vhu_blk`] (the vhost-user glue).
+//! Only the device lives here; the launcher, the supervisor, the jail and the vhost-user
+//! relay are vhostbox-common's. Layers, from the bottom: [`disk`] (the backing store),
+//! [`engine`] (how I/O is carried out: io_uring or synchronous), [`request`] (parsing a
+//! descriptor chain), [`queue`] (one queue's loop: pass, poll, complete; free of vhost-user
+//! types), [`device`] (the vhost-user glue: features, config space, event routing).
 
 pub mod args;
 pub mod config;
+pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod queue;
 pub mod request;
 pub mod seccomp;
-pub mod vhu_blk;
-pub mod worker;
 
+use std::io;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
+use vmm_sys_util::epoll::EventSet;
+
+use vhostbox_common::cli::CommonConfig;
+use vhostbox_common::inflight::{InflightFd, InflightHook, InflightSlot};
+use vhostbox_common::launch::{self, Connection, GuestMemHandle, Limits, Watch};
+use vhostbox_common::poll::AdaptivePoll;
+use vhostbox_common::sandbox::seccomp::Rules;
+
 use config::{Backing, Config};
-use disk::Disk;
-use vhostbox_common::daemon::{self, VhostListener};
-use vhostbox_common::sandbox::supervisor::{supervise, EmptyDir, EXIT_JAIL_FAILED};
-use vhostbox_common::sandbox::{self, JailConfig, SandboxMode};
-use vhostbox_common::{error_chain, EXIT_USAGE};
+use device::{BlkBackend, DeviceConfig};
+use disk::{Disk, DiskError};
+use engine::{Engine, EngineKind, SyncEngine, UringEngine};
+use queue::{BlkQueue, Shared};
 
-const NAME: &str = "vhostbox-blk";
+/// vhostbox-blk as the launcher runs it.
+pub struct Blk {
+    pub cfg: Config,
+}
 
-/// Runs the daemon; returns the process exit code.
-pub fn run(cfg: Config) -> i32 {
-    daemon::block_shutdown_signals();
-    // Open everything privileged first: the listener and the image (and the io_uring rings,
-    // in BlkDevice::new), before anything a sandbox would forbid.
-    let listener = match VhostListener::open(&cfg.listen) {
-        Ok(l) => l,
-        Err(e) => return fail_usage(&e),
-    };
-    let disk = match &cfg.backing {
-        Backing::Image(p) => Disk::open(p, cfg.readonly, cfg.direct, cfg.logical_block_size),
-        Backing::Null(size) => {
-            Disk::null(*size, cfg.logical_block_size.unwrap_or(512), cfg.readonly)
-        }
-    };
-    let disk = match disk {
-        Ok(d) => d,
-        Err(e) => return fail_usage(&e),
-    };
-    log::info!(
-        "{} {} bytes ({} sectors, block size {}), {} queue(s) of {}, engine {:?}{}",
-        match &cfg.backing {
-            Backing::Image(p) => format!("image {}", p.display()),
-            Backing::Null(_) => "null device".to_string(),
-        },
-        disk.size,
-        disk.sectors(),
-        disk.block_size,
-        cfg.num_queues,
-        cfg.queue_size,
-        cfg.engine,
-        if cfg.readonly { ", read-only" } else { "" }
-    );
-    let shared = Arc::new(worker::Shared {
-        disk,
-        serial: cfg.serial,
-        writeback: AtomicBool::new(cfg.writeback),
-        stats: Default::default(),
-    });
-    let dev_cfg = vhu_blk::DeviceConfig {
-        num_queues: cfg.num_queues,
-        queue_size: cfg.queue_size,
-        engine: cfg.engine,
-        poll_max: cfg.poll_max,
-    };
-    let mut listener = listener;
-    if cfg.sandbox == SandboxMode::None {
-        return match vhu_blk::BlkDevice::new(shared, dev_cfg) {
-            Ok(mut device) => daemon::serve_unconfined(NAME, &mut listener, &mut device),
-            Err(e) => {
-                eprintln!("{NAME}: {e}");
-                1
-            }
-        };
+impl launch::Device for Blk {
+    const NAME: &'static str = "vhostbox-blk";
+    type Args = args::Args;
+    type ConfigError = config::ConfigError;
+    type Opened = Arc<Shared>;
+    type OpenError = DiskError;
+    type Backend = Arc<BlkBackend>;
+
+    fn configure(args: args::Args) -> Result<(CommonConfig, Self), config::ConfigError> {
+        let (common, cfg) = <(CommonConfig, Config)>::try_from(args)?;
+        Ok((common, Blk { cfg }))
     }
-    let chroot_dir = match EmptyDir::for_mode(cfg.sandbox) {
-        Ok(d) => d,
-        Err(e) => {
-            eprintln!("{NAME}: {e}");
-            return 1;
-        }
-    };
-    let kind = shared.disk.kind;
-    let jail = JailConfig {
-        mode: cfg.sandbox,
-        seccomp: cfg.seccomp,
-        ids: cfg.ids,
-        chroot_dir: chroot_dir.as_ref().map(|d| d.0.clone()),
-        // Own fds plus what a frontend sends: memory regions (up to 509 slots) and three
-        // eventfds per queue.
-        nofile: 600 + 8 * u64::from(cfg.num_queues),
-        // main, signal, vhost-user and one worker thread per queue, plus slack, plus the
-        // kernel's io-wq threads that run blocking io_uring work on the worker's behalf: they
-        // count against RLIMIT_NPROC too, and a ring that cannot start one fails the request
-        // (the guest would see IOERR). io-wq starts at most 4 per CPU per ring for bounded work.
-        nproc: 8 + u64::from(cfg.num_queues) * (1 + 4 * ncpus()),
-        fsize: shared.disk.size.max(64 << 20),
-    };
-    // The report list is only used for names in the supervisor's messages.
-    let names = seccomp::rules(kind, 1);
-    let listen_fd = listener.raw_fd();
-    let probe = cfg.jail_probe.clone();
-    let code = supervise(NAME, &jail, &names, |ctx| {
-        // In the worker process, not yet jailed: make what needs privilege (the rings).
-        let mut device = match vhu_blk::BlkDevice::new(shared.clone(), dev_cfg.clone()) {
-            Ok(d) => d,
-            Err(e) => {
-                log::error!("{e}");
-                return EXIT_JAIL_FAILED;
+
+    fn open(&self) -> Result<Arc<Shared>, DiskError> {
+        let cfg = &self.cfg;
+        let disk = match &cfg.backing {
+            Backing::Image(p) => Disk::open(p, cfg.readonly, cfg.direct, cfg.logical_block_size)?,
+            Backing::Null(size) => {
+                Disk::null(*size, cfg.logical_block_size.unwrap_or(512), cfg.readonly)?
             }
         };
-        let mut keep = vec![listen_fd, ctx.report_fd];
-        keep.extend(shared.disk.fd());
-        keep.extend(device.fds());
-        vhostbox_common::sandbox::seccomp::set_report_fd(ctx.report_fd);
-        // SAFETY: getpid has no arguments.
-        let pid = unsafe { libc::getpid() } as u32;
-        if let Err(e) = sandbox::enter(&jail, &keep, seccomp::rules(kind, pid)) {
-            log::error!("cannot enter the sandbox: {e}");
-            return EXIT_JAIL_FAILED;
+        log::info!(
+            "{} {} bytes ({} sectors, block size {}), {} queue(s) of {}, engine {:?}{}",
+            match &cfg.backing {
+                Backing::Image(p) => format!("image {}", p.display()),
+                Backing::Null(_) => "null device".to_string(),
+            },
+            disk.size,
+            disk.sectors(),
+            disk.block_size,
+            cfg.num_queues,
+            cfg.queue_size,
+            cfg.engine,
+            if cfg.readonly { ", read-only" } else { "" }
+        );
+        Ok(Arc::new(Shared {
+            disk,
+            serial: cfg.serial,
+            writeback: AtomicBool::new(cfg.writeback),
+            stats: Default::default(),
+        }))
+    }
+
+    fn limits(&self, shared: &Arc<Shared>) -> Limits {
+        let nq = u64::from(self.cfg.num_queues);
+        Limits {
+            // Own fds plus what a frontend sends: memory regions (up to 509 slots) and three
+            // eventfds per queue.
+            nofile: 600 + 8 * nq,
+            // main, signal, relay, vhost-user and one queue thread per queue, plus slack, plus
+            // the kernel's io-wq threads that run blocking io_uring work on the worker's
+            // behalf: they count against RLIMIT_NPROC too, and a ring that cannot start one
+            // fails the request (the guest would see IOERR). io-wq starts at most 4 per CPU
+            // per ring for bounded work.
+            nproc: 8 + nq * (1 + 4 * ncpus()),
+            fsize: shared.disk.size.max(64 << 20),
         }
-        // Only the first worker probes, so its replacement shows the device still works;
-        // `seccomp-after=N` arms every worker instead.
-        if let Some(p) = &probe {
-            if !arm_crash(p) && ctx.generation == 1 {
-                return run_probe(p, &mut device);
+    }
+
+    fn seccomp(&self, shared: &Arc<Shared>, own_pid: u32) -> Rules {
+        seccomp::rules(shared.disk.kind, own_pid)
+    }
+
+    fn build(
+        &self,
+        shared: &Arc<Shared>,
+        mem: &GuestMemHandle,
+    ) -> io::Result<Connection<Arc<BlkBackend>>> {
+        let cfg = &self.cfg;
+        // The rings and the in-flight region cannot be made in the jail.
+        let inflight = InflightFd::new(cfg.num_queues, cfg.queue_size)?;
+        let slot = Arc::new(InflightSlot::default());
+        let mut fds: Vec<i32> = shared.disk.fd().into_iter().collect();
+        fds.push(inflight.raw_fd());
+        let mut watch = Vec::new();
+        let mut queues = Vec::with_capacity(usize::from(cfg.num_queues));
+        for i in 0..cfg.num_queues {
+            let engine = make_engine(shared, cfg.engine, cfg.queue_size)?;
+            if let Some(e) = &engine {
+                fds.extend(e.fds());
+                if let Some(fd) = e.completion_fd() {
+                    watch.push(Watch {
+                        thread: usize::from(i),
+                        fd,
+                        events: EventSet::IN,
+                        id: u64::from(BlkBackend::completion_event(cfg.num_queues)),
+                    });
+                }
             }
+            let mut q = BlkQueue::new(shared.clone(), engine, cfg.queue_size, mem.clone());
+            q.poll = AdaptivePoll::new(cfg.poll_max);
+            q.track_in(slot.clone(), usize::from(i));
+            queues.push(q);
         }
-        daemon::serve_exit_code(NAME, &mut listener, &mut device, true)
-    });
-    drop(chroot_dir);
-    drop(listener);
-    code
+        let dev_cfg = DeviceConfig {
+            num_queues: cfg.num_queues,
+            queue_size: cfg.queue_size,
+        };
+        let backend = Arc::new(BlkBackend::new(shared.clone(), dev_cfg, queues));
+        let mut conn = Connection::new(backend.clone());
+        conn.fds = fds;
+        conn.watch = watch;
+        conn.hook = Some(Box::new(InflightHook { fd: inflight, slot }));
+        #[cfg(feature = "jail-probe")]
+        if cfg.engine == EngineKind::IoUring && shared.disk.fd().is_some() {
+            let b = backend.clone();
+            conn.probe_openat = Some(Box::new(move |path| b.probe_openat(path)));
+        }
+        conn.drain = Some(Box::new(move || backend.shut_down()));
+        Ok(conn)
+    }
+}
+
+/// A queue's engine (none for the null device, which needs none).
+fn make_engine(shared: &Shared, kind: EngineKind, queue_size: u16) -> io::Result<Option<Engine>> {
+    let Some(fd) = shared.disk.fd() else {
+        return Ok(None);
+    };
+    Ok(Some(match kind {
+        EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
+        EngineKind::IoUring => Engine::Uring(Box::new(
+            UringEngine::new(fd, u32::from(queue_size))
+                .map_err(|e| io::Error::new(e.kind(), format!("cannot set up io_uring: {e}")))?,
+        )),
+    }))
 }
 
 fn ncpus() -> u64 {
     std::thread::available_parallelism().map_or(64, |n| n.get() as u64)
-}
-
-#[cfg(feature = "jail-probe")]
-fn run_probe(name: &str, device: &mut vhu_blk::BlkDevice) -> i32 {
-    vhostbox_common::sandbox::probe::run(name, &mut |path| device.probe_uring_openat(path))
-}
-
-#[cfg(feature = "jail-probe")]
-fn arm_crash(spec: &str) -> bool {
-    vhostbox_common::sandbox::probe::arm_crash(spec)
-}
-
-#[cfg(not(feature = "jail-probe"))]
-fn arm_crash(_spec: &str) -> bool {
-    false
-}
-
-#[cfg(not(feature = "jail-probe"))]
-fn run_probe(_name: &str, _device: &mut vhu_blk::BlkDevice) -> i32 {
-    unreachable!("--jail-probe exists only in builds with the jail-probe feature")
-}
-
-fn fail_usage(e: &dyn std::error::Error) -> i32 {
-    eprintln!("{NAME}: {}", error_chain(e));
-    EXIT_USAGE
 }

@@ -8,25 +8,25 @@
 
 use std::io;
 
+use virtio_bindings::virtio_blk as vb;
+use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
 
-pub const VIRTIO_BLK_T_IN: u32 = 0;
-pub const VIRTIO_BLK_T_OUT: u32 = 1;
-pub const VIRTIO_BLK_T_FLUSH: u32 = 4;
-pub const VIRTIO_BLK_T_GET_ID: u32 = 8;
-pub const VIRTIO_BLK_T_DISCARD: u32 = 11;
-pub const VIRTIO_BLK_T_WRITE_ZEROES: u32 = 13;
+pub use virtio_bindings::virtio_blk::{
+    VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
+    VIRTIO_BLK_T_OUT, VIRTIO_BLK_T_WRITE_ZEROES, VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
+};
 
-pub const VIRTIO_BLK_S_OK: u8 = 0;
-pub const VIRTIO_BLK_S_IOERR: u8 = 1;
-pub const VIRTIO_BLK_S_UNSUPP: u8 = 2;
+/// The status byte's values (virtio-bindings has them as u32).
+pub const VIRTIO_BLK_S_OK: u8 = vb::VIRTIO_BLK_S_OK as u8;
+pub const VIRTIO_BLK_S_IOERR: u8 = vb::VIRTIO_BLK_S_IOERR as u8;
+pub const VIRTIO_BLK_S_UNSUPP: u8 = vb::VIRTIO_BLK_S_UNSUPP as u8;
 
 /// Length of the serial returned by GET_ID.
-pub const VIRTIO_BLK_ID_BYTES: usize = 20;
+pub const VIRTIO_BLK_ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 /// Size of one discard/write-zeroes segment.
-pub const DISCARD_SEGMENT_BYTES: u64 = 16;
-/// The `unmap` flag of a write-zeroes segment.
-pub const VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP: u32 = 1;
+pub const DISCARD_SEGMENT_BYTES: u64 =
+    std::mem::size_of::<vb::virtio_blk_discard_write_zeroes>() as u64;
 
 const HEADER_BYTES: u64 = 16;
 pub const SECTOR_SHIFT: u32 = 9;
@@ -116,94 +116,120 @@ pub struct Request {
 /// (None when the chain has none: it can only be completed with length 0).
 pub type ParseResult = Result<Request, (RequestError, Option<GuestAddress>)>;
 
-/// Limits the parser enforces.
-const VRING_DESC_F_NEXT: u16 = 1;
-const VRING_DESC_F_WRITE: u16 = 2;
-const VRING_DESC_F_INDIRECT: u16 = 4;
-
-/// Why a descriptor chain ended early.
+/// What is wrong with a descriptor chain as a whole.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 pub enum ChainError {
-    #[error("descriptor index {0} beyond a table of {1}")]
-    IndexOutOfRange(u16, u16),
-    #[error("descriptor at {0:#x} not in guest memory")]
-    Unreadable(u64),
-    #[error("chain longer than its table (a loop?)")]
+    #[error("empty chain (a bad head index or an unreadable or bad indirect table)")]
+    Empty,
+    #[error(
+        "chain cut short: its last descriptor points to a next one (a loop, an index out of \
+         range, an unreadable, nested or misaligned indirect table, or more than 4 GiB)"
+    )]
+    CutShort,
+    #[error("chain of more than {MAX_CHAIN} descriptors")]
     TooLong,
-    #[error("indirect descriptor inside an indirect table")]
-    NestedIndirect,
-    #[error("indirect table of {0} bytes")]
-    BadIndirectTable(u32),
-    #[error("chain longer than 4 GiB")]
-    TooManyBytes,
 }
 
-/// Reads the chain starting at `head` of the split-ring descriptor table at `table` (with
-/// `queue_size` entries) into `out`, following NEXT links and one level of indirection, with
-/// the rules of virtio 1.2 2.7.5: at most `queue_size` descriptors (of the indirect table's
-/// size inside one), no indirect descriptor inside an indirect table, at most 4 GiB in all.
-/// On error `out` holds the descriptors read before it (the chain is then treated as cut short).
-pub fn walk_chain<M>(
-    mem: &M,
-    table: GuestAddress,
-    queue_size: u16,
-    head: u16,
+/// The most descriptors a chain may have: more than any request can use (1024 data segments
+/// plus header and status), and a bound on what one chain makes the queue keep.
+pub const MAX_CHAIN: usize = 2048;
+
+/// Reads a chain's descriptors into `out`, in order. The chain is virtio-queue's
+/// [`virtio_queue::DescriptorChain`] (popped from the avail ring) or a [`HeadChain`]
+/// (resubmitted by its head): both follow NEXT links and one level of indirection with the
+/// rules of virtio 1.2 2.7.5 and simply end where a rule is broken, so a chain that ends on a
+/// descriptor still pointing to a next one was cut short and is an error. On error `out` holds
+/// the descriptors read before it (the request then usually lacks its status byte).
+pub fn read_chain(
+    chain: impl Iterator<Item = Descriptor>,
     out: &mut Vec<Desc>,
-) -> Result<(), ChainError>
-where
-    M: GuestMemory + GuestMemoryBackend + ?Sized,
-{
+) -> Result<(), ChainError> {
     out.clear();
-    let (mut table, mut size, mut next) = (table, queue_size, head);
-    let mut ttl = queue_size;
-    let mut indirect = false;
-    let mut bytes: u32 = 0;
-    loop {
-        if next >= size {
-            return Err(ChainError::IndexOutOfRange(next, size));
-        }
-        if ttl == 0 {
+    let mut open = true;
+    for d in chain {
+        if out.len() == MAX_CHAIN {
             return Err(ChainError::TooLong);
         }
-        let at = table
-            .checked_add(u64::from(next) * 16)
-            .ok_or(ChainError::Unreadable(table.0))?;
-        let mut raw = [0u8; 16];
-        mem.read_slice(&mut raw, at)
-            .map_err(|_| ChainError::Unreadable(at.0))?;
-        let addr = u64::from_le_bytes(raw[0..8].try_into().unwrap());
-        let len = u32::from_le_bytes(raw[8..12].try_into().unwrap());
-        let flags = u16::from_le_bytes(raw[12..14].try_into().unwrap());
-        let link = u16::from_le_bytes(raw[14..16].try_into().unwrap());
-        if flags & VRING_DESC_F_INDIRECT != 0 {
-            if indirect {
-                return Err(ChainError::NestedIndirect);
-            }
-            if len % 16 != 0 || len == 0 || len / 16 > u32::from(u16::MAX) {
-                return Err(ChainError::BadIndirectTable(len));
-            }
-            // The rest of the chain is the indirect table; a NEXT flag here is ignored.
-            indirect = true;
-            table = GuestAddress(addr);
-            size = (len / 16) as u16;
-            ttl = size;
-            next = 0;
-            continue;
-        }
-        bytes = bytes.checked_add(len).ok_or(ChainError::TooManyBytes)?;
         out.push(Desc {
-            addr,
-            len,
-            write: flags & VRING_DESC_F_WRITE != 0,
+            addr: d.addr().0,
+            len: d.len(),
+            write: d.is_write_only(),
         });
-        if flags & VRING_DESC_F_NEXT == 0 {
-            return Ok(());
-        }
-        ttl -= 1;
-        next = link;
+        open = d.has_next();
+    }
+    match (out.is_empty(), open) {
+        (true, _) => Err(ChainError::Empty),
+        (false, true) => Err(ChainError::CutShort),
+        (false, false) => Ok(()),
     }
 }
 
+/// The chain starting at descriptor `head` of a split ring's table, for requests a predecessor
+/// left in flight (virtio-queue makes its `DescriptorChain` only from the avail ring). It
+/// follows the same rules as virtio-queue's: at most `queue_size` descriptors (the table's size
+/// inside an indirect one), no indirect descriptor inside an indirect table, an indirect table
+/// a multiple of 16 bytes, at most 4 GiB in all; it ends where one is broken.
+pub struct HeadChain<'a, M: ?Sized> {
+    mem: &'a M,
+    table: GuestAddress,
+    size: u16,
+    next: u16,
+    ttl: u16,
+    indirect: bool,
+    bytes: u32,
+}
+
+impl<'a, M: GuestMemory + ?Sized> HeadChain<'a, M> {
+    pub fn new(mem: &'a M, table: GuestAddress, queue_size: u16, head: u16) -> Self {
+        HeadChain {
+            mem,
+            table,
+            size: queue_size,
+            next: head,
+            ttl: queue_size,
+            indirect: false,
+            bytes: 0,
+        }
+    }
+}
+
+impl<M: GuestMemory + ?Sized> Iterator for HeadChain<'_, M> {
+    type Item = Descriptor;
+
+    fn next(&mut self) -> Option<Descriptor> {
+        if self.ttl == 0 || self.next >= self.size {
+            return None;
+        }
+        let at = self.table.checked_add(u64::from(self.next) * 16)?;
+        let d: Descriptor = self.mem.read_obj(at).ok()?;
+        if d.refers_to_indirect_table() {
+            let entries = d.len() / 16;
+            if self.indirect
+                || !d.len().is_multiple_of(16)
+                || entries == 0
+                || entries > u32::from(u16::MAX)
+            {
+                return None;
+            }
+            self.indirect = true;
+            self.table = d.addr();
+            self.size = entries as u16;
+            self.ttl = self.size;
+            self.next = 0;
+            return self.next();
+        }
+        self.bytes = self.bytes.checked_add(d.len())?;
+        if d.has_next() {
+            self.next = d.next();
+            self.ttl -= 1;
+        } else {
+            self.ttl = 0;
+        }
+        Some(d)
+    }
+}
+
+/// Limits the parser enforces.
 #[derive(Debug, Clone, Copy)]
 pub struct Limits {
     pub capacity_sectors: u64,
@@ -241,8 +267,14 @@ where
     let first_w = descs.iter().position(|d| d.write).unwrap_or(descs.len());
     let (readable, writable) = descs.split_at(first_w);
 
-    // Status: the last byte of the last writable descriptor.
-    let status = match writable.iter().rev().find(|d| d.len > 0) {
+    // Status: the last byte of the last descriptor, which must be device-writable (the
+    // device must not write into a device-readable buffer: virtio 1.2, 2.7.5.1).
+    let status = match writable
+        .iter()
+        .rev()
+        .find(|d| d.len > 0)
+        .filter(|d| d.write)
+    {
         Some(d) => {
             let a = d.addr.checked_add(u64::from(d.len) - 1);
             match a {

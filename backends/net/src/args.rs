@@ -1,8 +1,7 @@
 //! The command line. Doc comments here become `--help`.
 
 use clap::Parser;
-use vhostbox_common::daemon::ListenArgs;
-use vhostbox_common::sandbox::SandboxArgs;
+use vhostbox_common::cli::CommonArgs;
 
 /// A virtio-net device backend over vhost-user, on a tap device.
 ///
@@ -44,7 +43,7 @@ use vhostbox_common::sandbox::SandboxArgs;
 )]
 pub struct Args {
     #[command(flatten)]
-    pub listen: ListenArgs,
+    pub common: CommonArgs,
 
     /// Tap interface to attach to; created (multi-queue, with the virtio-net header) if it
     /// does not exist. Opening or creating a tap by name needs CAP_NET_ADMIN.
@@ -80,17 +79,4 @@ pub struct Args {
     /// MTU is set to match.
     #[arg(long, value_name = "N")]
     pub mtu: Option<u16>,
-
-    /// Log level: off, error, warn, info, debug, trace. VHOSTBOX_LOG overrides it.
-    #[arg(long, value_name = "LEVEL", default_value = "info")]
-    pub log_level: String,
-
-    #[command(flatten)]
-    pub sandbox: SandboxArgs,
-
-    /// Test builds only: after entering the jail, the worker attempts this escape and reports
-    /// the outcome (see docs/security.md).
-    #[cfg(feature = "jail-probe")]
-    #[arg(long, value_name = "ATTEMPT", hide = true)]
-    pub jail_probe: Option<String>,
 }

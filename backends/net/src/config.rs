@@ -3,13 +3,11 @@
 use std::fmt;
 use std::str::FromStr;
 
-use log::LevelFilter;
-use vhostbox_common::logging::parse_level;
-use vhostbox_common::sandbox::{Ids, SandboxMode, SeccompMode};
+use vhostbox_common::cli::{check_count, check_queue_size, CommonConfig, CommonError};
 
 use crate::args::Args;
 
-pub use vhostbox_common::daemon::ListenOn;
+pub use vhostbox_common::listener::ListenOn;
 
 /// Where the tap comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,11 +55,22 @@ impl fmt::Debug for Mac {
     }
 }
 
-impl FromStr for Mac {
-    type Err = String;
+/// A `--mac` that cannot be a NIC's address.
+#[derive(Debug, thiserror::Error)]
+pub enum MacError {
+    #[error("--mac '{0}' is not a MAC address like 52:54:00:12:34:56")]
+    Syntax(String),
+    #[error("--mac {0} is a multicast address; a NIC needs a unicast one")]
+    Multicast(String),
+    #[error("--mac {0} is the all-zero address")]
+    Zero(String),
+}
 
-    fn from_str(s: &str) -> Result<Self, String> {
-        let bad = || format!("--mac '{s}' is not a MAC address like 52:54:00:12:34:56");
+impl FromStr for Mac {
+    type Err = MacError;
+
+    fn from_str(s: &str) -> Result<Self, MacError> {
+        let bad = || MacError::Syntax(s.to_owned());
         let parts: Vec<&str> = s.split([':', '-']).collect();
         if parts.len() != 6 {
             return Err(bad());
@@ -74,118 +83,115 @@ impl FromStr for Mac {
             b[i] = u8::from_str_radix(p, 16).map_err(|_| bad())?;
         }
         if b[0] & 1 != 0 {
-            return Err(format!(
-                "--mac {s} is a multicast address; a NIC needs a unicast one"
-            ));
+            return Err(MacError::Multicast(s.to_owned()));
         }
         if b == [0; 6] {
-            return Err(format!("--mac {s} is the all-zero address"));
+            return Err(MacError::Zero(s.to_owned()));
         }
         Ok(Mac(b))
     }
 }
 
+/// vhostbox-net's own settings (the common ones are in [`CommonConfig`]).
 #[derive(Debug, Clone)]
 pub struct Config {
-    pub listen: ListenOn,
     pub tap: TapSource,
     pub mac: Mac,
     pub queue_pairs: u16,
     pub queue_size: u16,
     pub mtu: Option<u16>,
-    pub log_level: LevelFilter,
-    pub sandbox: SandboxMode,
-    pub seccomp: SeccompMode,
-    /// The jailed worker's ids on the host.
-    pub ids: Ids,
-    /// Test builds: the escape the worker attempts after entering the jail.
-    pub jail_probe: Option<String>,
 }
 
 /// The most queue pairs: vhost-user-backend gives each thread a 64-bit queue mask, and each
 /// pair is two queues.
 pub const MAX_QUEUE_PAIRS: u16 = 32;
 
-impl TryFrom<Args> for Config {
-    type Error = String;
+/// Why the command line cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error(transparent)]
+    Common(#[from] CommonError),
+    #[error("--tap '{0}': an interface name is 1-{max} bytes", max = libc::IFNAMSIZ - 1)]
+    TapNameLength(String),
+    #[error("--tap '{0}' is not a valid interface name")]
+    TapName(String),
+    #[error("invalid --tap-fd {0}")]
+    TapFd(i32),
+    #[error("--tap-fd lists the same descriptor twice")]
+    TapFdTwice,
+    #[error("exactly one of --tap and --tap-fd is required")]
+    TapSource,
+    #[error("--queue-pairs {pairs} but {fds} --tap-fd descriptor(s): give one tap queue per pair")]
+    PairsVsFds { pairs: u16, fds: usize },
+    #[error(transparent)]
+    Count(#[from] vhostbox_common::cli::CountError),
+    #[error(transparent)]
+    QueueSize(#[from] vhostbox_common::cli::QueueSizeError),
+    #[error("--mtu {0} is out of range 68-65535")]
+    Mtu(u16),
+    #[error(transparent)]
+    Mac(#[from] MacError),
+}
 
-    fn try_from(a: Args) -> Result<Self, String> {
-        let listen = a.listen.to_listen_on()?;
-        let tap = match (a.tap, a.tap_fd.is_empty()) {
-            (Some(name), true) => {
-                if name.is_empty() || name.len() >= libc::IFNAMSIZ {
-                    return Err(format!(
-                        "--tap '{name}': an interface name is 1-{} bytes",
-                        libc::IFNAMSIZ - 1
-                    ));
-                }
-                if name.contains(['/', ' ', '%']) || name == "." || name == ".." {
-                    return Err(format!("--tap '{name}' is not a valid interface name"));
-                }
-                TapSource::Name(name)
+fn tap_source(name: Option<String>, fds: Vec<i32>) -> Result<TapSource, ConfigError> {
+    match (name, fds.is_empty()) {
+        (Some(name), true) => {
+            if name.is_empty() || name.len() >= libc::IFNAMSIZ {
+                return Err(ConfigError::TapNameLength(name));
             }
-            (None, false) => {
-                if let Some(fd) = a.tap_fd.iter().find(|&&fd| fd < 0) {
-                    return Err(format!("invalid --tap-fd {fd}"));
-                }
-                let mut seen = a.tap_fd.clone();
-                seen.sort_unstable();
-                if seen.windows(2).any(|w| w[0] == w[1]) {
-                    return Err("--tap-fd lists the same descriptor twice".into());
-                }
-                TapSource::Fds(a.tap_fd)
+            if name.contains(['/', ' ', '%']) || name == "." || name == ".." {
+                return Err(ConfigError::TapName(name));
             }
-            _ => return Err("exactly one of --tap and --tap-fd is required".into()),
-        };
+            Ok(TapSource::Name(name))
+        }
+        (None, false) => {
+            if let Some(&fd) = fds.iter().find(|&&fd| fd < 0) {
+                return Err(ConfigError::TapFd(fd));
+            }
+            let mut seen = fds.clone();
+            seen.sort_unstable();
+            if seen.windows(2).any(|w| w[0] == w[1]) {
+                return Err(ConfigError::TapFdTwice);
+            }
+            Ok(TapSource::Fds(fds))
+        }
+        _ => Err(ConfigError::TapSource),
+    }
+}
+
+impl TryFrom<Args> for (CommonConfig, Config) {
+    type Error = ConfigError;
+
+    fn try_from(a: Args) -> Result<Self, ConfigError> {
+        let common = CommonConfig::try_from(a.common)?;
+        let tap = tap_source(a.tap, a.tap_fd)?;
         let queue_pairs = match (&tap, a.queue_pairs) {
             (TapSource::Fds(fds), Some(n)) if usize::from(n) != fds.len() => {
-                return Err(format!(
-                    "--queue-pairs {n} but {} --tap-fd descriptor(s): give one tap queue per pair",
-                    fds.len()
-                ))
+                return Err(ConfigError::PairsVsFds {
+                    pairs: n,
+                    fds: fds.len(),
+                })
             }
             (TapSource::Fds(fds), _) => u16::try_from(fds.len()).unwrap_or(u16::MAX),
             (TapSource::Name(_), n) => n.unwrap_or(1),
         };
-        if queue_pairs == 0 || queue_pairs > MAX_QUEUE_PAIRS {
-            return Err(format!(
-                "--queue-pairs {queue_pairs} is out of range 1-{MAX_QUEUE_PAIRS}"
-            ));
-        }
-        if !a.queue_size.is_power_of_two() || !(2..=1024).contains(&a.queue_size) {
-            return Err(format!(
-                "--queue-size {} must be a power of two between 2 and 1024",
-                a.queue_size
-            ));
-        }
-        if let Some(m) = a.mtu {
-            if m < 68 {
-                return Err(format!("--mtu {m} is out of range 68-65535"));
-            }
+        let queue_pairs = check_count("--queue-pairs", queue_pairs, MAX_QUEUE_PAIRS)?;
+        let queue_size = check_queue_size(a.queue_size)?;
+        if let Some(m) = a.mtu.filter(|&m| m < 68) {
+            return Err(ConfigError::Mtu(m));
         }
         let mac = match a.mac {
             Some(s) => s.parse()?,
             None => Mac::random(),
         };
-        let log_level = parse_level(&a.log_level)?;
-        let ids = a.sandbox.check()?;
-        #[cfg(feature = "jail-probe")]
-        let jail_probe = a.jail_probe;
-        #[cfg(not(feature = "jail-probe"))]
-        let jail_probe = None;
-        Ok(Config {
-            listen,
+        let cfg = Config {
             tap,
             mac,
             queue_pairs,
-            queue_size: a.queue_size,
+            queue_size,
             mtu: a.mtu,
-            log_level,
-            sandbox: a.sandbox.sandbox,
-            seccomp: a.sandbox.seccomp,
-            ids,
-            jail_probe,
-        })
+        };
+        Ok((common, cfg))
     }
 }
 
@@ -194,17 +200,21 @@ mod tests {
     use super::*;
     use clap::Parser;
 
-    fn parse(argv: &[&str]) -> Result<Config, String> {
+    fn parse_both(argv: &[&str]) -> Result<(CommonConfig, Config), String> {
         let mut v = vec!["vhostbox-net"];
         v.extend_from_slice(argv);
         let a = Args::try_parse_from(v).map_err(|e| e.to_string())?;
-        Config::try_from(a)
+        <(CommonConfig, Config)>::try_from(a).map_err(|e| e.to_string())
+    }
+
+    fn parse(argv: &[&str]) -> Result<Config, String> {
+        parse_both(argv).map(|(_, c)| c)
     }
 
     #[test]
     fn defaults_and_fds() {
-        let c = parse(&["--socket-path", "/tmp/s", "--tap", "tap0"]).unwrap();
-        assert_eq!(c.listen, ListenOn::Path("/tmp/s".into()));
+        let (common, c) = parse_both(&["--socket-path", "/tmp/s", "--tap", "tap0"]).unwrap();
+        assert_eq!(common.listen, ListenOn::Path("/tmp/s".into()));
         assert_eq!(c.tap, TapSource::Name("tap0".into()));
         assert_eq!(c.queue_pairs, 1);
         assert_eq!(c.queue_size, 256);

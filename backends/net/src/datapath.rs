@@ -128,7 +128,7 @@ enum Delivery {
 }
 
 /// The datapath of one queue pair.
-pub struct PairWorker<T: TapIo> {
+pub struct QueuePair<T: TapIo> {
     tap: T,
     features: u64,
     hdr_len: usize,
@@ -150,9 +150,9 @@ pub struct PairWorker<T: TapIo> {
 
 // SAFETY: the iovecs are scratch space, only valid during one TX call and never shared; the rest
 // is plain data plus the tap, which is Send.
-unsafe impl<T: TapIo + Send> Send for PairWorker<T> {}
+unsafe impl<T: TapIo + Send> Send for QueuePair<T> {}
 
-impl<T: TapIo> PairWorker<T> {
+impl<T: TapIo> QueuePair<T> {
     pub fn new(tap: T, stats: std::sync::Arc<NetStats>) -> Self {
         Self {
             tap,
@@ -526,13 +526,11 @@ mod tests {
     use std::sync::Arc;
     use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
     use virtio_bindings::virtio_net::*;
-    use vm_memory::Address;
 
     const QSIZE: u16 = 64;
     const MEM_SIZE: usize = 32 << 20;
     const BUFS: u64 = 0x10_0000;
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
+    use vhostbox_common::test_utils::{Layout, SplitRing};
 
     /// A tap that hands out queued frames and records written ones.
     #[derive(Default)]
@@ -574,97 +572,41 @@ mod tests {
         }
     }
 
-    /// The driver's side of one split virtqueue.
+    /// The driver's side of one split virtqueue, and the device's view of it.
     struct Vq {
-        desc: u64,
+        ring: SplitRing<Arc<GuestMem>>,
         avail: u64,
-        used: u64,
-        next_desc: u16,
-        avail_idx: u16,
-        seen_used: u16,
         queue: Queue,
     }
 
     impl Vq {
-        fn new(mem: &GuestMem, at: u64) -> Vq {
-            // Laid out by hand: virtio-queue's mock places the used ring inside the avail
-            // ring of a 64-entry queue, which only shows once the ring wraps.
-            let size = u64::from(QSIZE);
-            let desc = at;
-            let avail = desc + 16 * size;
-            let used = (avail + 6 + 2 * size).next_multiple_of(4);
-            mem.write_slice(
-                &vec![0u8; (used + 6 + 8 * size - at) as usize],
-                GuestAddress(at),
-            )
-            .unwrap();
-            let mut queue = Queue::new(QSIZE).unwrap();
-            queue.set_size(QSIZE);
-            queue
-                .try_set_desc_table_address(GuestAddress(desc))
-                .unwrap();
-            queue
-                .try_set_avail_ring_address(GuestAddress(avail))
-                .unwrap();
-            queue.try_set_used_ring_address(GuestAddress(used)).unwrap();
-            queue.set_ready(true);
-            assert!(queue.is_valid(mem));
+        fn new(mem: &Arc<GuestMem>, at: u64) -> Vq {
+            let ring = SplitRing::new(mem.clone(), QSIZE, Layout::packed(at, QSIZE));
+            let queue = ring.queue();
+            assert!(queue.is_valid(&**mem));
             Vq {
-                desc,
-                avail,
-                used,
-                next_desc: 0,
-                avail_idx: 0,
-                seen_used: 0,
+                avail: ring.layout().avail,
+                ring,
                 queue,
             }
         }
 
-        /// Publishes a chain of (addr, len, device-writable, raw flags to add).
-        fn push(&mut self, mem: &GuestMem, descs: &[(u64, u32, bool)]) -> u16 {
-            let head = self.next_desc;
-            for (i, &(addr, len, w)) in descs.iter().enumerate() {
-                let idx = self.next_desc;
-                self.next_desc = (self.next_desc + 1) % QSIZE;
-                let mut flags = if w { F_WRITE } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= F_NEXT;
-                }
-                let at = GuestAddress(self.desc + u64::from(idx) * 16);
-                mem.write_obj(addr, at).unwrap();
-                mem.write_obj(len, at.unchecked_add(8)).unwrap();
-                mem.write_obj(flags, at.unchecked_add(12)).unwrap();
-                mem.write_obj(self.next_desc, at.unchecked_add(14)).unwrap();
-            }
-            let slot = GuestAddress(self.avail + 4 + u64::from(self.avail_idx % QSIZE) * 2);
-            mem.write_obj(head, slot).unwrap();
-            self.avail_idx = self.avail_idx.wrapping_add(1);
-            mem.write_obj(self.avail_idx, GuestAddress(self.avail + 2))
-                .unwrap();
-            head
+        /// Publishes a chain of (addr, len, device-writable).
+        fn push(&mut self, _mem: &GuestMem, descs: &[(u64, u32, bool)]) -> u16 {
+            self.ring.add(descs)
         }
 
         /// Used entries (head, len) published since the last call.
-        fn take_used(&mut self, mem: &GuestMem) -> Vec<(u32, u32)> {
-            let idx: u16 = mem.read_obj(GuestAddress(self.used + 2)).unwrap();
-            let mut v = Vec::new();
-            while self.seen_used != idx {
-                let at = GuestAddress(self.used + 4 + u64::from(self.seen_used % QSIZE) * 8);
-                v.push((
-                    mem.read_obj(at).unwrap(),
-                    mem.read_obj(at.unchecked_add(4)).unwrap(),
-                ));
-                self.seen_used = self.seen_used.wrapping_add(1);
-            }
-            v
+        fn take_used(&mut self, _mem: &GuestMem) -> Vec<(u32, u32)> {
+            self.ring.take_used()
         }
     }
 
     struct Env {
-        mem: GuestMem,
+        mem: Arc<GuestMem>,
         rx: Vq,
         tx: Vq,
-        w: PairWorker<FakeTap>,
+        w: QueuePair<FakeTap>,
         stats: Arc<NetStats>,
     }
 
@@ -682,11 +624,11 @@ mod tests {
         | 1 << VIRTIO_NET_F_GUEST_UFO;
 
     fn env(features: u64) -> Env {
-        let mem = GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap();
+        let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let rx = Vq::new(&mem, 0);
         let tx = Vq::new(&mem, 0x8000);
         let stats = Arc::new(NetStats::default());
-        let mut w = PairWorker::new(FakeTap::default(), stats.clone());
+        let mut w = QueuePair::new(FakeTap::default(), stats.clone());
         w.set_features(features);
         Env {
             mem,
@@ -717,7 +659,7 @@ mod tests {
         assert!(!e.w.process_rx(&mut e.rx.queue, &e.mem).unwrap());
         // The driver repairs its ring (as a reset would): TX works again.
         e.mem.write_obj(0u16, GuestAddress(e.tx.avail + 2)).unwrap();
-        e.tx.avail_idx = 0;
+        e.tx.ring.set_avail_idx(0);
         e.tx.push(&e.mem, &[(BUFS, 12 + 60, false)]);
         e.w.tap_writable();
         assert!(e.w.process_tx(&mut e.tx.queue, &e.mem).unwrap());

@@ -72,15 +72,28 @@ pub struct SandboxArgs {
     pub user: Option<String>,
 }
 
+/// Why `--user` or `--sandbox` cannot work for this invoker.
+#[derive(Debug, thiserror::Error)]
+pub enum UserError {
+    #[error("invalid --user '{0}': expected NAME, UID or UID:GID of an existing non-root user")]
+    Invalid(String),
+    #[error("--user '{0}': no such user")]
+    NoSuchUser(String),
+    #[error("--user '{0}': the worker must not run as root")]
+    Root(String),
+    #[error("--user '{0}': only root can run the worker as another user (running as uid {1})")]
+    NotRoot(String, u32),
+    #[error("--sandbox chroot needs root (chroot and setuid); use --sandbox namespace")]
+    ChrootNeedsRoot,
+}
+
 impl SandboxArgs {
     /// Resolves `--user` and checks that the mode can work for this invoker.
-    pub fn check(&self) -> Result<Ids, String> {
+    pub fn check(&self) -> Result<Ids, UserError> {
         let ids = resolve_user(self.user.as_deref())?;
         // SAFETY: geteuid has no arguments.
         if self.sandbox == SandboxMode::Chroot && unsafe { libc::geteuid() } != 0 {
-            return Err(
-                "--sandbox chroot needs root (chroot and setuid); use --sandbox namespace".into(),
-            );
+            return Err(UserError::ChrootNeedsRoot);
         }
         Ok(ids)
     }
@@ -97,7 +110,7 @@ pub struct Ids {
 pub const NOBODY: u32 = 65534;
 
 /// Resolves `--user` (NAME, UID or UID:GID), or the default when absent.
-pub fn resolve_user(user: Option<&str>) -> Result<Ids, String> {
+pub fn resolve_user(user: Option<&str>) -> Result<Ids, UserError> {
     // SAFETY: geteuid/getegid have no arguments and cannot fail.
     let (euid, egid) = unsafe { (libc::geteuid(), libc::getegid()) };
     let Some(s) = user else {
@@ -113,9 +126,7 @@ pub fn resolve_user(user: Option<&str>) -> Result<Ids, String> {
             }
         });
     };
-    let bad = || {
-        format!("invalid --user '{s}': expected NAME, UID or UID:GID of an existing non-root user")
-    };
+    let bad = || UserError::Invalid(s.to_owned());
     let ids = if let Some((u, g)) = s.split_once(':') {
         Ids {
             uid: u.parse().map_err(|_| bad())?,
@@ -124,22 +135,22 @@ pub fn resolve_user(user: Option<&str>) -> Result<Ids, String> {
     } else if let Ok(uid) = s.parse::<u32>() {
         Ids { uid, gid: uid }
     } else {
-        lookup_user(s).ok_or_else(|| format!("--user '{s}': no such user"))?
+        lookup_user(s).ok_or_else(|| UserError::NoSuchUser(s.to_owned()))?
     };
     if ids.uid == 0 || ids.gid == 0 {
-        return Err(format!("--user '{s}': the worker must not run as root"));
+        return Err(UserError::Root(s.to_owned()));
     }
     if euid != 0 && ids.uid != euid {
-        return Err(format!(
-            "--user '{s}': only root can run the worker as another user (running as uid {euid})"
-        ));
+        return Err(UserError::NotRoot(s.to_owned(), euid));
     }
     Ok(ids)
 }
 
 fn lookup_user(name: &str) -> Option<Ids> {
     let c = CString::new(name).ok()?;
-    let mut pwd: libc::passwd = unsafe_zeroed();
+    // SAFETY: passwd is a plain C struct of integers and pointers, for which all-zero
+    // (null pointers) is a valid value; getpwnam_r fills it in.
+    let mut pwd: libc::passwd = unsafe { std::mem::zeroed() };
     let mut buf = vec![0 as libc::c_char; 16384];
     let mut out: *mut libc::passwd = std::ptr::null_mut();
     // SAFETY: all pointers are valid for the sizes given; getpwnam_r fills pwd/buf.
@@ -152,11 +163,6 @@ fn lookup_user(name: &str) -> Option<Ids> {
         uid: pwd.pw_uid,
         gid: pwd.pw_gid,
     })
-}
-
-fn unsafe_zeroed<T: Copy>() -> T {
-    // SAFETY: only used for plain C structs (passwd, rlimit, cap data) where zero is valid.
-    unsafe { std::mem::zeroed() }
 }
 
 /// Everything [`enter`] needs.

@@ -77,9 +77,12 @@ fn pid_arg(arg: Option<&str>) -> io::Result<libc::pid_t> {
         .ok_or_else(|| io::Error::other("this probe needs =PID"))
 }
 
-/// Runs probe `spec` in the jailed worker. `uring_openat` submits an OPENAT of the path on a
-/// ring made before the jail (`None` if the device has no ring). Returns the worker's exit code.
-pub fn run(spec: &str, uring_openat: &mut dyn FnMut(&CStr) -> Option<io::Result<i32>>) -> i32 {
+/// Submits an OPENAT of a path on a ring the device made before the jail; returns the fd.
+pub type UringOpen = Box<dyn FnMut(&CStr) -> io::Result<i32>>;
+
+/// Runs probe `spec` in the jailed worker. `uring_openat` opens a path through the device's
+/// ring (`None` if it has none). Returns the worker's exit code.
+pub fn run(spec: &str, uring_openat: Option<&mut UringOpen>) -> i32 {
     let (name, arg) = match spec.split_once('=') {
         Some((n, a)) => (n, Some(a)),
         None => (spec, None),
@@ -148,8 +151,8 @@ pub fn run(spec: &str, uring_openat: &mut dyn FnMut(&CStr) -> Option<io::Result<
             check(unsafe { libc::syscall(libc::SYS_io_uring_setup, 8u32, p.as_mut_ptr()) })
                 .map(|fd| format!("fd {fd}"))
         }
-        "io-uring-openat" => match uring_openat(passwd) {
-            Some(r) => r.map(|fd| format!("fd {fd}")),
+        "io-uring-openat" => match uring_openat {
+            Some(open) => open(passwd).map(|fd| format!("fd {fd}")),
             None => Err(io::Error::other("no io_uring in this configuration")),
         },
         "mprotect-exec" | "mmap-exec" => {

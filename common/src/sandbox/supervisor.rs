@@ -19,8 +19,31 @@ use log::{error, info, warn};
 use super::seccomp::{self, Rules};
 use super::{Ids, JailConfig, SandboxMode};
 
-/// Exit code of a worker that could not enter its jail: the supervisor gives up.
+/// Exit code of a worker that could not set up its device or enter its jail: the supervisor
+/// gives up (a replacement would fail the same way).
 pub const EXIT_JAIL_FAILED: i32 = 3;
+
+/// Why the supervisor stopped.
+#[derive(Debug, thiserror::Error)]
+pub enum SupervisorError {
+    #[error("{0}")]
+    Sys(&'static str, #[source] io::Error),
+    #[error("restricting the supervisor")]
+    Restrict(#[source] super::JailError),
+    #[error("cannot start a worker{hint}")]
+    Spawn {
+        #[source]
+        err: io::Error,
+        hint: &'static str,
+    },
+    #[error("setting up the worker's user namespace: writing /proc/{pid}/{file}")]
+    IdMap {
+        pid: i32,
+        file: &'static str,
+        #[source]
+        err: io::Error,
+    },
+}
 
 /// What a worker knows about its supervisor.
 #[derive(Debug, Clone, Copy)]
@@ -31,15 +54,14 @@ pub struct WorkerCtx {
     pub generation: u64,
 }
 
-fn cvt(r: libc::c_long, what: &str) -> io::Result<libc::c_long> {
+fn cvt(r: libc::c_long, what: &'static str) -> Result<libc::c_long, SupervisorError> {
     if r < 0 {
-        let e = io::Error::last_os_error();
-        return Err(io::Error::new(e.kind(), format!("{what}: {e}")));
+        return Err(SupervisorError::Sys(what, io::Error::last_os_error()));
     }
     Ok(r)
 }
 
-fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+fn pipe() -> Result<(OwnedFd, OwnedFd), SupervisorError> {
     let mut fds = [0; 2];
     // SAFETY: pipe2 writes two fds into the array.
     let r = unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) };
@@ -62,12 +84,15 @@ fn sigset(sigs: &[libc::c_int]) -> libc::sigset_t {
 
 /// Writes the new user namespace's maps: `ids` map to themselves and nothing else exists
 /// inside, root included.
-fn write_id_maps(pid: i32, ids: Ids) -> io::Result<()> {
+fn write_id_maps(pid: i32, ids: Ids) -> Result<(), SupervisorError> {
     // SAFETY: geteuid has no arguments.
     let privileged = unsafe { libc::geteuid() } == 0;
-    let w = |file: &str, s: String| {
-        fs::write(format!("/proc/{pid}/{file}"), s)
-            .map_err(|e| io::Error::new(e.kind(), format!("writing /proc/{pid}/{file}: {e}")))
+    let w = |file: &'static str, s: String| {
+        fs::write(format!("/proc/{pid}/{file}"), s).map_err(|err| SupervisorError::IdMap {
+            pid,
+            file,
+            err,
+        })
     };
     if !privileged {
         // Unprivileged: only our own ids may be mapped, and setgroups must be denied first.
@@ -97,7 +122,7 @@ fn lift_memlock_for_rings() {
     }
 }
 
-fn seqpacket_pair() -> io::Result<(OwnedFd, OwnedFd)> {
+fn seqpacket_pair() -> Result<(OwnedFd, OwnedFd), SupervisorError> {
     let mut fds = [0; 2];
     // SAFETY: socketpair writes two fds into the array.
     let r = unsafe {
@@ -194,27 +219,25 @@ pub fn report_serving() {
 /// jailed worker process and returns its exit code; it must enter the jail itself (it knows
 /// which fds to keep) before serving. Returns the process exit code.
 pub fn supervise(
-    name: &str,
     jail: &JailConfig,
     rules: &Rules,
     mut worker: impl FnMut(WorkerCtx) -> i32,
 ) -> i32 {
     lift_memlock_for_rings();
-    match run(name, jail, rules, &mut worker) {
+    match run(jail, rules, &mut worker) {
         Ok(code) => code,
         Err(e) => {
-            error!("supervisor: {e}");
+            error!("supervisor: {}", crate::error_chain(&e));
             1
         }
     }
 }
 
 fn run(
-    name: &str,
     jail: &JailConfig,
     rules: &Rules,
     worker: &mut dyn FnMut(WorkerCtx) -> i32,
-) -> io::Result<i32> {
+) -> Result<i32, SupervisorError> {
     let sigs = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
     // SAFETY: sigprocmask with a valid set.
     let r = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
@@ -232,8 +255,7 @@ fn run(
     let (report_r, report_w) = seqpacket_pair()?;
     // SAFETY: fcntl on our fd.
     unsafe { libc::fcntl(report_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    super::restrict_supervisor(jail.mode)
-        .map_err(|e| io::Error::other(format!("restricting the supervisor: {e}")))?;
+    super::restrict_supervisor(jail.mode).map_err(SupervisorError::Restrict)?;
     let mut reports = String::new();
     let mut backoff = Duration::from_millis(50);
     let mut child: Option<Child> = None;
@@ -250,7 +272,6 @@ fn run(
             }
             generation += 1;
             let c = spawn(
-                name,
                 jail,
                 WorkerCtx {
                     report_fd: report_w.as_raw_fd(),
@@ -281,8 +302,11 @@ fn run(
         let timeout = if stopping { 200 } else { -1 };
         // SAFETY: fds is a valid array of three pollfds (poll skips the negative fd).
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
-        if r < 0 && io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
-            return Err(io::Error::last_os_error());
+        if r < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() != io::ErrorKind::Interrupted {
+                return Err(SupervisorError::Sys("poll", e));
+            }
         }
         if fds[1].revents & libc::POLLIN != 0 {
             if let Some(l) = recv_report(report_r.as_raw_fd(), &mut reports) {
@@ -309,7 +333,8 @@ fn run(
         }
         // Drain the signalfd.
         loop {
-            let mut si: libc::signalfd_siginfo = unsafe_zeroed();
+            // SAFETY: signalfd_siginfo is a plain C struct of integers: all-zero is valid.
+            let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
             let sz = std::mem::size_of::<libc::signalfd_siginfo>();
             // SAFETY: reads one siginfo into our struct.
             let n = unsafe {
@@ -415,17 +440,11 @@ fn run(
     }
 }
 
-fn unsafe_zeroed<T: Copy>() -> T {
-    // SAFETY: only used for plain C structs where zero is a valid value.
-    unsafe { std::mem::zeroed() }
-}
-
 fn spawn(
-    name: &str,
     jail: &JailConfig,
     ctx: WorkerCtx,
     worker: &mut dyn FnMut(WorkerCtx) -> i32,
-) -> io::Result<Child> {
+) -> Result<Child, SupervisorError> {
     let (sync_r, sync_w) = pipe()?;
     let mut flags = libc::SIGCHLD as libc::c_long;
     if jail.mode == SandboxMode::Namespace {
@@ -441,7 +460,7 @@ fn spawn(
     // copy of this (single-threaded) process and continues here with return value 0.
     let pid = unsafe { libc::syscall(libc::SYS_clone, flags, 0, 0, 0, 0) };
     if pid < 0 {
-        let e = io::Error::last_os_error();
+        let err = io::Error::last_os_error();
         let hint = if jail.mode == SandboxMode::Namespace {
             " (creating user/mount/pid/net/ipc/uts/cgroup namespaces: are user namespaces enabled? \
              check user.max_user_namespaces and kernel.unprivileged_userns_clone; as root, \
@@ -449,10 +468,7 @@ fn spawn(
         } else {
             ""
         };
-        return Err(io::Error::new(
-            e.kind(),
-            format!("cannot start a worker: {e}{hint}"),
-        ));
+        return Err(SupervisorError::Spawn { err, hint });
     }
     if pid == 0 {
         // The worker. Never return into the supervisor's code: _exit with the worker's code.
@@ -467,8 +483,12 @@ fn spawn(
             // Die with the supervisor: a worker must never outlive the process that owns the
             // socket path.
             libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-            let empty = sigset(&[]);
-            libc::sigprocmask(libc::SIG_SETMASK, &empty, std::ptr::null_mut());
+            // SIGTERM, SIGINT and SIGHUP stay blocked (as in the supervisor) until the
+            // worker's signal thread waits for them: blocked, one that comes early is kept
+            // pending. Unblocked without a handler it would be dropped, because the worker is
+            // pid 1 of its pid namespace, and the stop would hang.
+            let chld = sigset(&[libc::SIGCHLD]);
+            libc::sigprocmask(libc::SIG_UNBLOCK, &chld, std::ptr::null_mut());
             drop(sync_r);
             worker(ctx)
         };
@@ -484,10 +504,7 @@ fn spawn(
                 libc::kill(pid, libc::SIGKILL);
                 libc::waitpid(pid, std::ptr::null_mut(), 0);
             }
-            return Err(io::Error::new(
-                e.kind(),
-                format!("{name}: setting up the worker's user namespace: {e}"),
-            ));
+            return Err(e);
         }
     }
     // SAFETY: write one byte from a local to our pipe.
@@ -504,13 +521,11 @@ pub struct EmptyDir(pub PathBuf);
 
 impl EmptyDir {
     /// The directory `--sandbox chroot` needs; none for the other modes.
-    pub fn for_mode(mode: super::SandboxMode) -> Result<Option<Self>, String> {
+    pub fn for_mode(mode: super::SandboxMode) -> io::Result<Option<Self>> {
         if mode != super::SandboxMode::Chroot {
             return Ok(None);
         }
-        Self::create()
-            .map(Some)
-            .map_err(|e| format!("cannot create the empty chroot directory: {e}"))
+        Self::create().map(Some)
     }
 
     pub fn create() -> io::Result<Self> {

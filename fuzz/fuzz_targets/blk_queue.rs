@@ -1,4 +1,4 @@
-//! A whole virtio-blk queue pass: QueueWorker pops chains from an avail ring the input fills,
+//! A whole virtio-blk queue pass: BlkQueue pops chains from an avail ring the input fills,
 //! parses and runs them on a null device and publishes them in the used ring, with and
 //! without EVENT_IDX, read-only or not.
 #![no_main]
@@ -8,7 +8,7 @@ use std::sync::{Arc, OnceLock};
 
 use libfuzzer_sys::fuzz_target;
 use vhostbox_blk::disk::Disk;
-use vhostbox_blk::worker::{QueueWorker, Shared};
+use vhostbox_blk::queue::{BlkQueue, Shared};
 use vhostbox_fuzz::{memory, queue, queue_size};
 
 fn shared(readonly: bool) -> Arc<Shared> {
@@ -36,7 +36,8 @@ fuzz_target!(|data: &[u8]| {
     let qs = queue_size(data[0]);
     let mut q = queue(qs, data[1] & 1 != 0);
     let mem = Arc::new(memory(&data[2..]));
-    let mut w = QueueWorker::new(shared(data[1] & 2 != 0), None, qs);
+    let mem_handle = vm_memory::GuestMemoryAtomic::from(mem.clone());
+    let mut w = BlkQueue::new(shared(data[1] & 2 != 0), None, qs, mem_handle);
     let _ = w.start_tracking(None, &mut q, &mem);
     for _ in 0..3 {
         if w.process_queue(&mut q, &mem).is_err() {

@@ -1,5 +1,10 @@
-//! One queue's request processing: pop chains, parse them, run them on the engine, publish
-//! completions. Free of vhost-user types so unit tests drive it with mock virtqueues.
+//! One queue of the device: the loop that runs when its kick or its engine's completion
+//! eventfd fires (pass, poll, complete), and the request handling under it: pop a chain, parse
+//! it ([`crate::request`]), run it on the engine ([`crate::engine`]), write the status, publish
+//! it in the used ring (keeping the in-flight region in step) and notify the guest.
+//!
+//! Free of vhost-user types: the loop sees its vring through [`Vring`], so unit tests drive it
+//! with a split ring in plain memory.
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -7,22 +12,22 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use vhostbox_common::inflight::QueueTracker;
+use vhostbox_common::inflight::{InflightSlot, QueueTracker};
+use vhostbox_common::launch::GuestMemHandle;
 use vhostbox_common::poll::AdaptivePoll;
 use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::disk::{Disk, DiskKind};
 use crate::engine::{Completion, Engine, Op, Outcome};
 use crate::request::{
-    self, ChainError, Desc, Limits, Request, RequestType, Segment, SECTOR_SHIFT,
+    self, ChainError, Desc, HeadChain, Limits, Request, RequestType, Segment, SECTOR_SHIFT,
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 
-/// Guest memory as the backend maps it (no dirty bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
+pub use vhostbox_common::launch::GuestMem;
 
 /// Most segments one request may carry (the preadv/pwritev limit).
 pub const MAX_SEGMENTS: usize = libc::UIO_MAXIOV as usize;
@@ -63,15 +68,24 @@ struct Slot {
     mem: Option<Arc<GuestMem>>,
 }
 
-/// Loads the current guest memory of the connection.
-pub type MemSource = Box<dyn Fn() -> Option<Arc<GuestMem>> + Send>;
+/// The vring a queue runs on, as its loop needs it.
+pub trait Vring {
+    /// The queue's state (addresses, indices, notification suppression).
+    fn queue(&mut self) -> &mut Queue;
+    /// Whether the guest asked to be notified of what was just published (EVENT_IDX).
+    fn needs_notification(&mut self) -> io::Result<bool>;
+    /// Notifies the guest (the call eventfd).
+    fn notify(&mut self) -> io::Result<()>;
+}
 
-/// Processes one virtqueue.
-pub struct QueueWorker {
+/// One virtqueue of the device.
+pub struct BlkQueue {
     /// Set when new requests arrived while notifications were being re-enabled.
     more: bool,
-    /// Loads the connection's current guest memory (see `set_memory_source`).
-    mem_source: Option<MemSource>,
+    /// The connection's guest memory, as the frontend last set it.
+    mem: GuestMemHandle,
+    /// Where the frontend's in-flight region appears, and this queue's index in it.
+    inflight: Option<(Arc<InflightSlot>, usize)>,
     shared: Arc<Shared>,
     engine: Option<Engine>,
     slots: Vec<Slot>,
@@ -104,11 +118,16 @@ pub struct QueueWorker {
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
 // `mem` Arc; the worker is only ever used by one thread at a time (behind a Mutex).
-unsafe impl Send for QueueWorker {}
+unsafe impl Send for BlkQueue {}
 
-impl QueueWorker {
+impl BlkQueue {
     /// `engine` is None only for the null device, which needs none.
-    pub fn new(shared: Arc<Shared>, engine: Option<Engine>, queue_size: u16) -> Self {
+    pub fn new(
+        shared: Arc<Shared>,
+        engine: Option<Engine>,
+        queue_size: u16,
+        mem: GuestMemHandle,
+    ) -> Self {
         let n = u32::from(queue_size.max(1));
         Self {
             shared,
@@ -133,7 +152,8 @@ impl QueueWorker {
             retried_empty: false,
             watch: Vec::new(),
             more: false,
-            mem_source: None,
+            mem,
+            inflight: None,
             defer_rearm: false,
             last_popped: 0,
             progress: false,
@@ -152,9 +172,144 @@ impl QueueWorker {
         self.engine.as_ref().and_then(|e| e.completion_fd())
     }
 
-    /// Takes the engine back (to return it to the pool); in-flight work must be drained first.
-    pub fn take_engine(&mut self) -> Option<Engine> {
-        self.engine.take()
+    /// Jail probe: an OPENAT on this queue's ring; `None` without one.
+    #[cfg(feature = "jail-probe")]
+    pub fn probe_openat(&mut self, path: &std::ffi::CStr) -> Option<io::Result<i32>> {
+        self.engine.as_mut()?.probe_openat(path)
+    }
+
+    /// The queue's kick (`completions` false) or its engine's completion eventfd (true)
+    /// fired: runs passes until nothing is left, busy-polls the ring for a while if that has
+    /// paid lately (see [`vhostbox_common::poll`]), then returns for the thread to sleep.
+    pub fn run(&mut self, ring: &mut impl Vring, completions: bool) -> io::Result<()> {
+        let mut completions = completions;
+        self.poll.found_work(Instant::now());
+        let mut polling = self.poll.max() > Duration::ZERO;
+        loop {
+            self.set_defer_rearm(polling);
+            let mem = self.passes(ring, completions)?;
+            if !polling {
+                break;
+            }
+            // Before sleeping, look at the ring for a while: the driver's next batch often
+            // comes within microseconds, and finding it here spares its kick and this thread's
+            // wake-up. Only after passes that did something: a ring virtio-queue will not pop
+            // from must not keep the thread spinning. Nor while the kernel works on this
+            // queue's I/O (buffered writes run on io_uring's worker threads): on a busy host
+            // they need the CPU this thread would spin on, and their completion wakes the
+            // thread anyway. (The memory of the last pass serves for looking.)
+            let queue = ring.queue();
+            let found = if self.take_progress()
+                && self.accepting()
+                && self.in_flight() == 0
+                && queue.ready()
+            {
+                self.poll.idle(Instant::now());
+                let budget = self.poll.budget();
+                self.poll_for_work(queue, &mem, budget)
+            } else {
+                None
+            };
+            match found {
+                Some(c) => {
+                    self.poll.found_work(Instant::now());
+                    completions = c;
+                }
+                None => {
+                    // Nothing came: notifications back on, then one more look, as a pass
+                    // without polling ends.
+                    self.rearm(queue, &mem)?;
+                    if !self.take_more() {
+                        break;
+                    }
+                    completions = false;
+                    polling = false;
+                }
+            }
+        }
+        self.set_defer_rearm(false);
+        self.poll.idle(Instant::now());
+        Ok(())
+    }
+
+    /// Passes until one leaves nothing more to do, notifying the guest after each that
+    /// published something it asked to hear of. Returns the memory the last pass used.
+    fn passes(
+        &mut self,
+        ring: &mut impl Vring,
+        mut completions: bool,
+    ) -> io::Result<Arc<GuestMem>> {
+        loop {
+            // Loaded for every pass: a region the frontend added (ADD_MEM_REG, acknowledged
+            // before it queued requests that use it) must be visible to the next pass.
+            let mem = self.memory();
+            let queue = ring.queue();
+            let mut used = false;
+            // A predecessor may have died between publishing completions and notifying the
+            // guest, which would then wait forever: notify once at every start.
+            let restart = queue.ready() && !self.tracking_started;
+            if restart {
+                let tracker = self.tracker(queue.size());
+                used |= self.start_tracking(tracker, queue, &mem)?;
+            }
+            used |= if completions {
+                self.process_completions(queue, &mem)?
+            } else if queue.ready() {
+                self.process_queue(queue, &mem)?
+            } else {
+                false
+            };
+            let more = self.take_more();
+            // Reads the kernel served at once (io_uring from the page cache) are already
+            // complete: publish them now rather than on the eventfd's next wake-up.
+            let done = self.has_completions();
+            if restart || (used && ring.needs_notification()?) {
+                ring.notify()?;
+            }
+            if !more && !done {
+                return Ok(mem);
+            }
+            completions = done;
+        }
+    }
+
+    /// The frontend stops the queue (GET_VRING_BASE): completes what is in flight on `ring`,
+    /// so the ring state it reads back is final (without the ring, forgets it). Tracking is
+    /// taken up again when the queue restarts, from the region current then.
+    pub fn stop(&mut self, ring: Option<&mut impl Vring>) -> io::Result<()> {
+        let r = match ring {
+            Some(ring) if self.in_flight() > 0 => {
+                let mem = self.memory();
+                match self.drain(ring.queue(), &mem) {
+                    Ok(true) => ring.notify(),
+                    Ok(false) => Ok(()),
+                    Err(e) => Err(e),
+                }
+            }
+            _ => {
+                self.abandon();
+                Ok(())
+            }
+        };
+        self.stop_tracking();
+        self.poll.reset();
+        r
+    }
+
+    /// A clean stop (SIGTERM): takes no new requests, completes and publishes every request
+    /// in flight and tells the guest, so nothing is left for a successor to redo. Returns how
+    /// many requests it completed.
+    pub fn shut_down(&mut self, ring: Option<&mut impl Vring>) -> io::Result<usize> {
+        self.quiesce();
+        let n = self.in_flight();
+        let Some(ring) = ring.filter(|_| n > 0) else {
+            return Ok(0);
+        };
+        let mem = self.memory();
+        if self.drain(ring.queue(), &mem)? {
+            ring.notify()?;
+        }
+        Ok(n)
     }
 
     /// Pops and starts every available request there is room for. Returns whether used
@@ -182,8 +337,8 @@ impl QueueWorker {
             if let Some(t) = self.tracker.as_mut() {
                 t.begin(head);
             }
-            self.read_chain(head, queue, mem);
-            used |= self.start(head, queue, mem)?;
+            let chain = request::read_chain(chain, &mut self.descs);
+            used |= self.start(head, chain, queue, mem)?;
         }
         if let Some(e) = self.engine.as_mut() {
             e.kick()?;
@@ -272,19 +427,6 @@ impl QueueWorker {
         }
     }
 
-    /// Reads chain `head` into `self.descs`; a chain that ends early is parsed as far as it
-    /// goes (and then usually lacks its status byte).
-    fn read_chain(&mut self, head: u16, queue: &Queue, mem: &GuestMem) {
-        let table = GuestAddress(queue.desc_table());
-        if let Err(e) = request::walk_chain(mem, table, queue.size(), head, &mut self.descs) {
-            self.note_chain_error(head, e);
-        }
-    }
-
-    fn note_chain_error(&mut self, head: u16, e: ChainError) {
-        debug!("descriptor chain {head}: {e}");
-    }
-
     /// Whether in-flight tracking was taken up since the queue started.
     pub fn tracking_started(&self) -> bool {
         self.tracking_started
@@ -352,8 +494,10 @@ impl QueueWorker {
                 warn!("no room to resubmit request {head}");
                 break;
             }
-            self.read_chain(head, queue, mem);
-            used |= self.start(head, queue, mem)?;
+            let table = GuestAddress(queue.desc_table());
+            let chain = HeadChain::new(&**mem, table, queue.size(), head);
+            let chain = request::read_chain(chain, &mut self.descs);
+            used |= self.start(head, chain, queue, mem)?;
         }
         if let Some(e) = self.engine.as_mut() {
             e.kick()?;
@@ -373,12 +517,31 @@ impl QueueWorker {
         self.stopping = true;
     }
 
-    /// Where to load the connection's current guest memory from when a request's buffers are
-    /// not in the view the current pass started with: the frontend may have added a region
-    /// (and had it acknowledged) after the pass loaded its view and before it queued the
-    /// request. Without a source such requests fail.
-    pub fn set_memory_source(&mut self, f: MemSource) {
-        self.mem_source = Some(f);
+    /// Takes the queue's part (number `index`) of the in-flight region the frontend sets in
+    /// `slot`, whenever the queue starts.
+    pub fn track_in(&mut self, slot: Arc<InflightSlot>, index: usize) {
+        self.inflight = Some((slot, index));
+    }
+
+    /// The guest memory as the frontend last set it.
+    fn memory(&self) -> Arc<GuestMem> {
+        self.mem.memory().into_inner()
+    }
+
+    /// This queue's part of the frontend's in-flight region, if it set one that covers it.
+    fn tracker(&self, queue_size: u16) -> Option<QueueTracker> {
+        let (slot, index) = self.inflight.as_ref()?;
+        let r = slot.get()?;
+        let t = r.queue(*index, queue_size);
+        if t.is_none() {
+            warn!(
+                "in-flight region of {} queues of {} does not cover queue {index} of \
+                 {queue_size}: not tracking it",
+                r.num_queues(),
+                r.queue_size(),
+            );
+        }
+        t
     }
 
     /// Whether requests arrived during the last pass and another pass (with a freshly loaded
@@ -523,7 +686,15 @@ impl QueueWorker {
     }
 
     /// Starts one request. Returns true if it completed on the spot (a used entry was added).
-    fn start(&mut self, head: u16, queue: &mut Queue, mem: &Arc<GuestMem>) -> io::Result<bool> {
+    /// Starts the request in `self.descs` (read from chain `head`, or cut short if `chain`
+    /// says so).
+    fn start(
+        &mut self,
+        head: u16,
+        chain: Result<(), ChainError>,
+        queue: &mut Queue,
+        mem: &Arc<GuestMem>,
+    ) -> io::Result<bool> {
         #[cfg(feature = "jail-probe")]
         vhostbox_common::sandbox::probe::tick();
         let limits = Limits {
@@ -532,29 +703,36 @@ impl QueueWorker {
         };
         let segs = std::mem::take(&mut self.segs);
         let mut parsed = request::parse(&**mem, &self.descs, &limits, segs);
+        // The frontend may have added a region (and had it acknowledged) after this pass
+        // loaded its view and before it queued the request: look again in the current one.
         let fresh = match &parsed {
-            Err((e, _)) if e.is_memory() => self
-                .mem_source
-                .as_ref()
-                .and_then(|f| f())
-                .filter(|m| !Arc::ptr_eq(m, mem)),
+            Err((e, _)) if e.is_memory() => Some(self.memory()).filter(|m| !Arc::ptr_eq(m, mem)),
             _ => None,
         };
         if let Some(m) = &fresh {
             parsed = request::parse(&**m, &self.descs, &limits, Vec::new());
         }
         let mem = fresh.as_ref().unwrap_or(mem);
-        let req = match parsed {
-            Ok(r) => r,
-            Err((e, status)) => {
-                self.note_error(format_args!("malformed request: {e}"));
-                match status {
-                    Some(s) => self.finish(queue, mem, head, s, VIRTIO_BLK_S_IOERR, 1)?,
-                    // No status byte: the request can only be returned with nothing written.
-                    None => self.publish(queue, mem, head, 0)?,
-                }
-                return Ok(true);
+        let (err, status): (&dyn std::fmt::Display, _) = match (&parsed, &chain) {
+            (Ok(_), Ok(())) => (&"", None),
+            // Whatever a broken chain's descriptors say, it is not executed.
+            (Ok(r), Err(e)) => (e, Some(r.status)),
+            (Err((e, status)), _) => (e, *status),
+        };
+        if parsed.is_err() || chain.is_err() {
+            self.note_error(format_args!("malformed request {head}: {err}"));
+            match status {
+                Some(s) => self.finish(queue, mem, head, s, VIRTIO_BLK_S_IOERR, 1)?,
+                // No status byte: the request can only be returned with nothing written.
+                None => self.publish(queue, mem, head, 0)?,
             }
+            if let Ok(r) = parsed {
+                self.segs = r.data;
+            }
+            return Ok(true);
+        }
+        let Ok(req) = parsed else {
+            unreachable!("checked above")
         };
         let r = self.execute(head, &req, queue, mem);
         self.segs = req.data;
@@ -751,7 +929,7 @@ impl QueueWorker {
     }
 }
 
-impl Drop for QueueWorker {
+impl Drop for BlkQueue {
     fn drop(&mut self) {
         // Guest buffers must outlive the kernel's use of them.
         self.abandon();
@@ -791,11 +969,19 @@ mod tests {
     use crate::request::*;
     use std::io::Write;
     use std::os::unix::fs::FileExt;
-    use virtio_queue::desc::{split::Descriptor as SplitDescriptor, RawDescriptor};
-    use virtio_queue::mock::MockSplitQueue;
+    use vhostbox_common::test_utils::{Layout, SplitRing};
+    use vm_memory::GuestMemoryAtomic;
 
-    const F_NEXT: u16 = 1;
-    const F_WRITE: u16 = 2;
+    /// The driver's side of the queue under test.
+    type Vq = SplitRing<Arc<GuestMem>>;
+
+    fn ring(mem: &Arc<GuestMem>) -> Vq {
+        SplitRing::new(mem.clone(), QSIZE, Layout::packed(0x1000, QSIZE))
+    }
+
+    fn handle(mem: &Arc<GuestMem>) -> GuestMemHandle {
+        GuestMemoryAtomic::from(mem.clone())
+    }
     const MEM_SIZE: usize = 16 << 20;
     const QSIZE: u16 = 64;
     const HDR: u64 = 0x10_0000;
@@ -832,13 +1018,13 @@ mod tests {
         }
     }
 
-    fn worker(e: &Env, kind: EngineKind) -> QueueWorker {
+    fn worker(e: &Env, kind: EngineKind) -> BlkQueue {
         let fd = e.shared.disk.fd().unwrap();
         let engine = match kind {
             EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
             EngineKind::IoUring => Engine::Uring(Box::new(UringEngine::new(fd, 64).unwrap())),
         };
-        QueueWorker::new(e.shared.clone(), Some(engine), QSIZE)
+        BlkQueue::new(e.shared.clone(), Some(engine), QSIZE, handle(&e.mem))
     }
 
     fn header(mem: &GuestMem, at: u64, ty: u32, sector: u64) {
@@ -848,25 +1034,16 @@ mod tests {
         mem.write_slice(&h, GuestAddress(at)).unwrap();
     }
 
-    /// Writes one chain of (addr, len, device-writable) at descriptor index `at`.
-    fn add_chain(vq: &MockSplitQueue<GuestMem>, at: u16, descs: &[(u64, u32, bool)]) {
-        let raw: Vec<RawDescriptor> = descs
-            .iter()
-            .enumerate()
-            .map(|(i, &(addr, len, w))| {
-                let mut flags = if w { F_WRITE } else { 0 };
-                if i + 1 < descs.len() {
-                    flags |= F_NEXT;
-                }
-                RawDescriptor::from(SplitDescriptor::new(addr, len, flags, at + i as u16 + 1))
-            })
-            .collect();
-        vq.add_desc_chains(&raw, at).unwrap();
+    /// Writes one chain of (addr, len, device-writable) at descriptor index `at` and makes it
+    /// available.
+    fn add_chain(vq: &mut Vq, at: u16, descs: &[(u64, u32, bool)]) {
+        vq.write_chain_at(at, descs);
+        vq.publish(at);
     }
 
     /// Runs the worker until everything available is complete; returns the used entries
     /// (head, len) added by this call.
-    fn run(w: &mut QueueWorker, q: &mut Queue, mem: &Arc<GuestMem>) -> Vec<(u32, u32)> {
+    fn run(w: &mut BlkQueue, q: &mut Queue, mem: &Arc<GuestMem>) -> Vec<(u32, u32)> {
         let before = q.next_used();
         w.process_queue(q, mem).unwrap();
         w.drain(q, mem).unwrap();
@@ -902,7 +1079,7 @@ mod tests {
         use vhostbox_common::inflight::{InflightFd, InflightRegion};
         for_engines(|kind| {
             let e = env(1 << 20, false);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
+            let mut vq = ring(&e.mem);
             let heads = [0u16, 4, 8, 12];
             for (k, &h) in heads.iter().enumerate() {
                 let at = 0x1000 * k as u64;
@@ -911,7 +1088,7 @@ mod tests {
                     .write_slice(&[k as u8 + 1; 4096], GuestAddress(DATA + at))
                     .unwrap();
                 add_chain(
-                    &vq,
+                    &mut vq,
                     h,
                     &[
                         (HDR + at, 16, false),
@@ -931,7 +1108,7 @@ mod tests {
             let region = Arc::new(InflightRegion::map(&dup, size, 0, 1, QSIZE).unwrap());
 
             // The predecessor: takes all four, completes head 4 only, dies.
-            let mut dead: Queue = vq.create_queue().unwrap();
+            let mut dead: Queue = vq.queue();
             let mut t = region.queue(0, QSIZE).unwrap();
             t.recover(0);
             for _ in 0..4 {
@@ -943,7 +1120,7 @@ mod tests {
             t.after_used(4, 1);
 
             // The successor, told base 1 by the frontend (its used index).
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut q: Queue = vq.queue();
             q.set_next_avail(1);
             q.set_next_used(1);
             let mut w = worker(&e, kind);
@@ -973,7 +1150,7 @@ mod tests {
             // A new request is taken from avail position 4, not a repeat of 8 or 12.
             header(&e.mem, HDR + 0x8000, VIRTIO_BLK_T_OUT, 64);
             add_chain(
-                &vq,
+                &mut vq,
                 20,
                 &[
                     (HDR + 0x8000, 16, false),
@@ -995,15 +1172,15 @@ mod tests {
     fn large_requests_end_the_pass_early() {
         for_engines(|kind| {
             let e = env(4 << 20, false);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             let len = PASS_BYTES as u32;
             for k in 0..3u64 {
                 let at = 0x1000 * k;
                 header(&e.mem, HDR + at, VIRTIO_BLK_T_IN, k * u64::from(len) / 512);
                 add_chain(
-                    &vq,
+                    &mut vq,
                     (k * 3) as u16,
                     &[
                         (HDR + at, 16, false),
@@ -1038,10 +1215,10 @@ mod tests {
     fn polling_finds_work_and_defers_kicks() {
         for_engines(|kind| {
             let e = env(1 << 20, false);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             q.set_event_idx(true);
-            let avail_event = GuestAddress(vq.used_addr().0 + 4 + 8 * u64::from(QSIZE));
+            let avail_event = GuestAddress(vq.layout().used + 4 + 8 * u64::from(QSIZE));
             let event = |mem: &GuestMem| -> u16 { mem.read_obj(avail_event).unwrap() };
             let budget = Duration::from_micros(200);
             let mut w = worker(&e, kind);
@@ -1053,7 +1230,7 @@ mod tests {
             assert!(t.elapsed() >= budget);
 
             header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
-            add_chain(&vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+            add_chain(&mut vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
             assert_eq!(w.poll_for_work(&q, &e.mem, budget), Some(false));
             w.process_queue(&mut q, &e.mem).unwrap();
             w.drain(&mut q, &e.mem).unwrap();
@@ -1073,12 +1250,12 @@ mod tests {
                 header(&e.mem, HDR, VIRTIO_BLK_T_IN, 0);
                 header(&e.mem, HDR + 0x100, VIRTIO_BLK_T_IN, 8);
                 add_chain(
-                    &vq,
+                    &mut vq,
                     2,
                     &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
                 );
                 add_chain(
-                    &vq,
+                    &mut vq,
                     9,
                     &[
                         (HDR + 0x100, 16, false),
@@ -1096,20 +1273,20 @@ mod tests {
             }
 
             // A broken avail index (more than a queue ahead) is not work.
-            let idx: u16 = e.mem.read_obj(GuestAddress(vq.avail_addr().0 + 2)).unwrap();
+            let idx: u16 = e.mem.read_obj(GuestAddress(vq.layout().avail + 2)).unwrap();
             e.mem
                 .write_obj(
                     idx.wrapping_add(QSIZE + 3),
-                    GuestAddress(vq.avail_addr().0 + 2),
+                    GuestAddress(vq.layout().avail + 2),
                 )
                 .unwrap();
             assert_eq!(w.poll_for_work(&q, &e.mem, budget), None);
             e.mem
-                .write_obj(idx, GuestAddress(vq.avail_addr().0 + 2))
+                .write_obj(idx, GuestAddress(vq.layout().avail + 2))
                 .unwrap();
 
             // Stopping: new requests are not work any more.
-            add_chain(&vq, 6, &[(HDR, 16, false), (STATUS, 1, true)]);
+            add_chain(&mut vq, 6, &[(HDR, 16, false), (STATUS, 1, true)]);
             assert_eq!(w.poll_for_work(&q, &e.mem, budget), Some(false));
             w.quiesce();
             assert!(!w.accepting());
@@ -1122,19 +1299,18 @@ mod tests {
     /// the ring; an O_DIRECT image never reads on the spot. The data is right every way.
     #[test]
     fn lone_and_large_reads_are_served_from_the_cache_now() {
-        let read =
-            |vq: &MockSplitQueue<GuestMem>, mem: &GuestMem, k: u64, sector: u64, len: u32| {
-                header(mem, HDR + 0x100 * k, VIRTIO_BLK_T_IN, sector);
-                add_chain(
-                    vq,
-                    (k * 3) as u16,
-                    &[
-                        (HDR + 0x100 * k, 16, false),
-                        (DATA + (k << 17), len, true),
-                        (STATUS + 0x100 * k, 1, true),
-                    ],
-                );
-            };
+        let read = |vq: &mut Vq, mem: &GuestMem, k: u64, sector: u64, len: u32| {
+            header(mem, HDR + 0x100 * k, VIRTIO_BLK_T_IN, sector);
+            add_chain(
+                vq,
+                (k * 3) as u16,
+                &[
+                    (HDR + 0x100 * k, 16, false),
+                    (DATA + (k << 17), len, true),
+                    (STATUS + 0x100 * k, 1, true),
+                ],
+            );
+        };
         let expect = |mem: &GuestMem, k: u64, sector: u64, len: usize| {
             assert_eq!(status(mem, STATUS + 0x100 * k), VIRTIO_BLK_S_OK);
             let mut got = vec![0u8; len];
@@ -1172,12 +1348,12 @@ mod tests {
             } else {
                 e
             };
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, EngineKind::IoUring);
 
             // Alone: done on the spot unless O_DIRECT.
-            read(&vq, &e.mem, 0, 8, 4096);
+            read(&mut vq, &e.mem, 0, 8, 4096);
             w.process_queue(&mut q, &e.mem).unwrap();
             assert_eq!(w.in_flight(), usize::from(direct));
             w.drain(&mut q, &e.mem).unwrap();
@@ -1185,8 +1361,8 @@ mod tests {
             expect(&e.mem, 0, 8, 4096);
 
             // Two in one pass: both through the ring.
-            read(&vq, &e.mem, 1, 16, 4096);
-            read(&vq, &e.mem, 2, 40, 4096);
+            read(&mut vq, &e.mem, 1, 16, 4096);
+            read(&mut vq, &e.mem, 2, 40, 4096);
             w.process_queue(&mut q, &e.mem).unwrap();
             assert_eq!(w.in_flight(), 2);
             w.drain(&mut q, &e.mem).unwrap();
@@ -1195,8 +1371,8 @@ mod tests {
             expect(&e.mem, 2, 40, 4096);
 
             // Large, with another request waiting: on the spot, then the pass ends.
-            read(&vq, &e.mem, 3, 256, PASS_BYTES as u32);
-            read(&vq, &e.mem, 4, 0, PASS_BYTES as u32);
+            read(&mut vq, &e.mem, 3, 256, PASS_BYTES as u32);
+            read(&mut vq, &e.mem, 4, 0, PASS_BYTES as u32);
             w.process_queue(&mut q, &e.mem).unwrap();
             assert_eq!(q.next_avail(), 4, "the pass ends after {PASS_BYTES} bytes");
             assert_eq!(w.in_flight(), usize::from(direct));
@@ -1214,11 +1390,11 @@ mod tests {
     #[test]
     fn broken_avail_index_stops_the_queue() {
         let e = env(1 << 20, false);
-        let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-        let mut q: Queue = vq.create_queue().unwrap();
+        let mut vq = ring(&e.mem);
+        let mut q: Queue = vq.queue();
         let mut w = worker(&e, EngineKind::Sync);
         e.mem
-            .write_obj(QSIZE + 5, GuestAddress(vq.avail_addr().0 + 2))
+            .write_obj(QSIZE + 5, GuestAddress(vq.layout().avail + 2))
             .unwrap();
         assert!(!w.process_queue(&mut q, &e.mem).unwrap());
         assert!(!w.take_more(), "the caller would loop forever");
@@ -1240,13 +1416,13 @@ mod tests {
         // re-enabled) would be ignored and the queue would stall.
         w.process_queue(&mut q, &e.mem).unwrap();
         assert!(w.take_more(), "a first empty look gets one more");
-        q.try_set_avail_ring_address(GuestAddress(vq.avail_addr().0))
+        q.try_set_avail_ring_address(GuestAddress(vq.layout().avail))
             .unwrap();
         e.mem
-            .write_obj(0u16, GuestAddress(vq.avail_addr().0 + 2))
+            .write_obj(0u16, GuestAddress(vq.layout().avail + 2))
             .unwrap();
         header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
-        add_chain(&vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+        add_chain(&mut vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
         assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 1)]);
         q.try_set_avail_ring_address(GuestAddress(0)).unwrap();
         w.process_queue(&mut q, &e.mem).unwrap();
@@ -1255,9 +1431,10 @@ mod tests {
         assert!(!w.take_more());
     }
 
-    /// A region the frontend added after a pass loaded its view of guest memory: with a
-    /// memory source the request is re-parsed against the current memory and succeeds;
-    /// without one it fails with IOERR (and the backend keeps going).
+    /// A region the frontend added after a pass loaded its view of guest memory: once the
+    /// connection's memory has it (the library updates the handle at ADD_MEM_REG) the request
+    /// is re-parsed against the current memory and succeeds; if it does not, the request fails
+    /// with IOERR (and the backend keeps going).
     #[test]
     fn request_in_a_region_added_during_a_pass() {
         for_engines(|kind| {
@@ -1269,20 +1446,19 @@ mod tests {
             )
             .unwrap();
             let grown = Arc::new(e.mem.insert_region(Arc::new(region)).unwrap());
-            for with_source in [false, true] {
-                let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-                let mut q: Queue = vq.create_queue().unwrap();
+            for added in [false, true] {
+                let mut vq = ring(&e.mem);
+                let mut q: Queue = vq.queue();
                 let mut w = worker(&e, kind);
-                if with_source {
-                    let g = grown.clone();
-                    w.set_memory_source(Box::new(move || Some(g.clone())));
+                if added {
+                    w.mem.lock().unwrap().replace((*grown).clone());
                 }
                 header(&e.mem, HDR, VIRTIO_BLK_T_OUT, 8);
                 grown
                     .write_slice(&[0x5a; 4096], GuestAddress(new_at))
                     .unwrap();
                 add_chain(
-                    &vq,
+                    &mut vq,
                     0,
                     &[(HDR, 16, false), (new_at, 4096, false), (STATUS, 1, true)],
                 );
@@ -1293,7 +1469,7 @@ mod tests {
                     .unwrap()
                     .read_exact_at(&mut back, 8 * 512)
                     .unwrap();
-                if with_source {
+                if added {
                     assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK, "{kind:?}");
                     assert!(
                         back.iter().all(|&b| b == 0x5a),
@@ -1311,15 +1487,15 @@ mod tests {
     fn write_then_read_round_trip() {
         for_engines(|kind| {
             let e = env(1 << 20, false);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             let data: Vec<u8> = (0..8192u32).map(|i| (i * 7 % 251) as u8).collect();
             e.mem.write_slice(&data, GuestAddress(DATA)).unwrap();
             header(&e.mem, HDR, VIRTIO_BLK_T_OUT, 16);
             // Data split over two descriptors.
             add_chain(
-                &vq,
+                &mut vq,
                 0,
                 &[
                     (HDR, 16, false),
@@ -1342,7 +1518,7 @@ mod tests {
             e.mem
                 .write_slice(&[0xffu8; 8193], GuestAddress(DATA2))
                 .unwrap();
-            add_chain(&vq, 4, &[(HDR, 16, false), (DATA2, 8193, true)]);
+            add_chain(&mut vq, 4, &[(HDR, 16, false), (DATA2, 8193, true)]);
             assert_eq!(run(&mut w, &mut q, &e.mem), vec![(4, 8193)]);
             let mut back = vec![0u8; 8192];
             e.mem.read_slice(&mut back, GuestAddress(DATA2)).unwrap();
@@ -1355,8 +1531,8 @@ mod tests {
     fn header_split_across_descriptors() {
         for_engines(|kind| {
             let e = env(1 << 20, false);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             std::fs::OpenOptions::new()
                 .write(true)
@@ -1366,7 +1542,7 @@ mod tests {
                 .unwrap();
             header(&e.mem, HDR, VIRTIO_BLK_T_IN, 3);
             add_chain(
-                &vq,
+                &mut vq,
                 0,
                 &[
                     (HDR, 5, false),
@@ -1387,17 +1563,17 @@ mod tests {
     fn flush_get_id_and_unsupported() {
         for_engines(|kind| {
             let e = env(1 << 20, false);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
-            add_chain(&vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
+            add_chain(&mut vq, 0, &[(HDR, 16, false), (STATUS, 1, true)]);
             assert_eq!(run(&mut w, &mut q, &e.mem), vec![(0, 1)]);
             assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
 
             header(&e.mem, HDR + 64, VIRTIO_BLK_T_GET_ID, 0);
             add_chain(
-                &vq,
+                &mut vq,
                 2,
                 &[
                     (HDR + 64, 16, false),
@@ -1412,7 +1588,11 @@ mod tests {
             assert_eq!(status(&e.mem, STATUS + 8), VIRTIO_BLK_S_OK);
 
             header(&e.mem, HDR + 128, 0x7777, 0);
-            add_chain(&vq, 5, &[(HDR + 128, 16, false), (STATUS + 16, 1, true)]);
+            add_chain(
+                &mut vq,
+                5,
+                &[(HDR + 128, 16, false), (STATUS + 16, 1, true)],
+            );
             assert_eq!(run(&mut w, &mut q, &e.mem), vec![(5, 1)]);
             assert_eq!(status(&e.mem, STATUS + 16), VIRTIO_BLK_S_UNSUPP);
         });
@@ -1423,8 +1603,8 @@ mod tests {
         for_engines(|kind| {
             let e = env(1 << 20, false);
             std::fs::write(&e.path, vec![0x11u8; 1 << 20]).unwrap();
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             let seg = |sector: u64, n: u32, flags: u32| {
                 let mut s = [0u8; 16];
@@ -1439,7 +1619,7 @@ mod tests {
             e.mem.write_slice(&two, GuestAddress(DATA)).unwrap();
             header(&e.mem, HDR, VIRTIO_BLK_T_WRITE_ZEROES, 0);
             add_chain(
-                &vq,
+                &mut vq,
                 0,
                 &[(HDR, 16, false), (DATA, 32, false), (STATUS, 1, true)],
             );
@@ -1459,7 +1639,7 @@ mod tests {
                 header(&e.mem, HDR + 64, VIRTIO_BLK_T_DISCARD, 0);
                 let at = 4 + i * 3;
                 add_chain(
-                    &vq,
+                    &mut vq,
                     at,
                     &[
                         (HDR + 64, 16, false),
@@ -1477,7 +1657,7 @@ mod tests {
             e.mem.write_slice(&two, GuestAddress(DATA + 128)).unwrap();
             header(&e.mem, HDR + 128, VIRTIO_BLK_T_WRITE_ZEROES, 0);
             add_chain(
-                &vq,
+                &mut vq,
                 12,
                 &[
                     (HDR + 128, 16, false),
@@ -1500,8 +1680,8 @@ mod tests {
         for_engines(|kind| {
             let e = env(1 << 20, false);
             std::fs::write(&e.path, vec![0x22u8; 1 << 20]).unwrap();
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             e.mem
                 .write_slice(&[0x99u8; 8192], GuestAddress(DATA))
@@ -1613,7 +1793,7 @@ mod tests {
             for (i, (ty, sector, descs, want)) in cases.into_iter().enumerate() {
                 header(&e.mem, HDR, ty, sector);
                 e.mem.write_obj(0xeeu8, GuestAddress(STATUS)).unwrap();
-                add_chain(&vq, at, &descs);
+                add_chain(&mut vq, at, &descs);
                 let used = run(&mut w, &mut q, &e.mem);
                 assert_eq!(used.len(), 1, "{kind:?} case {i}: completed once");
                 assert_eq!(used[0].0, u32::from(at), "case {i}");
@@ -1630,7 +1810,7 @@ mod tests {
             // Still serving.
             header(&e.mem, HDR, VIRTIO_BLK_T_IN, 0);
             add_chain(
-                &vq,
+                &mut vq,
                 at,
                 &[(HDR, 16, false), (DATA, 512, true), (STATUS, 1, true)],
             );
@@ -1644,8 +1824,8 @@ mod tests {
     fn readonly_refuses_writes() {
         for_engines(|kind| {
             let e = env(1 << 20, true);
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             e.mem
                 .write_slice(&[0x77u8; 512], GuestAddress(DATA))
@@ -1667,7 +1847,7 @@ mod tests {
                 }
                 let at = (i * 3) as u16;
                 add_chain(
-                    &vq,
+                    &mut vq,
                     at,
                     &[(HDR, 16, false), (DATA, len, false), (STATUS, 1, true)],
                 );
@@ -1681,7 +1861,7 @@ mod tests {
             assert!(std::fs::read(&e.path).unwrap().iter().all(|&b| b == 0));
             // Reads and flushes still work.
             header(&e.mem, HDR, VIRTIO_BLK_T_FLUSH, 0);
-            add_chain(&vq, 9, &[(HDR, 16, false), (STATUS, 1, true)]);
+            add_chain(&mut vq, 9, &[(HDR, 16, false), (STATUS, 1, true)]);
             run(&mut w, &mut q, &e.mem);
             assert_eq!(status(&e.mem, STATUS), VIRTIO_BLK_S_OK);
         });
@@ -1695,14 +1875,14 @@ mod tests {
             let e = env(1 << 20, false);
             let content: Vec<u8> = (0..(1u32 << 20)).map(|i| (i / 4096) as u8).collect();
             std::fs::write(&e.path, &content).unwrap();
-            let vq = MockSplitQueue::new(&*e.mem, QSIZE);
-            let mut q: Queue = vq.create_queue().unwrap();
+            let mut vq = ring(&e.mem);
+            let mut q: Queue = vq.queue();
             let mut w = worker(&e, kind);
             for i in 0..20u64 {
                 let hdr = HDR + i * 16;
                 header(&e.mem, hdr, VIRTIO_BLK_T_IN, i * 8);
                 add_chain(
-                    &vq,
+                    &mut vq,
                     (i * 3) as u16,
                     &[
                         (hdr, 16, false),
@@ -1733,14 +1913,14 @@ mod tests {
             stats: Stats::default(),
         });
         let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
-        let vq = MockSplitQueue::new(&*mem, QSIZE);
-        let mut q: Queue = vq.create_queue().unwrap();
-        let mut w = QueueWorker::new(shared, None, QSIZE);
+        let mut vq = ring(&mem);
+        let mut q: Queue = vq.queue();
+        let mut w = BlkQueue::new(shared, None, QSIZE, handle(&mem));
         mem.write_slice(&[0xffu8; 4096], GuestAddress(DATA))
             .unwrap();
         header(&mem, HDR, VIRTIO_BLK_T_IN, (1 << 21) - 8);
         add_chain(
-            &vq,
+            &mut vq,
             0,
             &[(HDR, 16, false), (DATA, 4096, true), (STATUS, 1, true)],
         );
@@ -1750,7 +1930,7 @@ mod tests {
         assert!(b.iter().all(|&x| x == 0));
         header(&mem, HDR, VIRTIO_BLK_T_OUT, 1 << 21);
         add_chain(
-            &vq,
+            &mut vq,
             3,
             &[(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
         );

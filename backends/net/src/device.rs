@@ -1,33 +1,42 @@
 //! The vhost-user glue: features, config space, and routing each queue pair's events (RX kick,
-//! TX kick, tap readiness) to its [`PairWorker`]. One worker thread per queue pair.
+//! TX kick, tap readiness) to its [`QueuePair`]. One queue thread per queue pair.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringEpollHandler, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
 use virtio_queue::QueueT;
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{ByteValued, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use vhostbox_common::daemon::{config_slice, Device, ExitEvents};
-use vhostbox_common::vu_shim::Shim;
+use vhostbox_common::connection::config_slice;
+use vhostbox_common::launch::GuestMemHandle;
 
 use crate::config::Mac;
-use crate::datapath::{GuestMem, NetStats, PairWorker, TapIo};
+use crate::datapath::{GuestMem, NetStats, QueuePair, TapIo};
 use crate::hdr;
 use crate::tap::Tap;
 
-const VHOST_USER_F_PROTOCOL_FEATURES: u32 = 30;
-/// Bytes of struct virtio_net_config up to and including `mtu`.
-pub const CONFIG_LEN: usize = 12;
+/// struct virtio_net_config, as virtio-bindings defines it, to send as bytes.
+#[derive(Clone, Copy, Default)]
+#[repr(transparent)]
+pub struct NetConfig(pub virtio_net_config);
+
+// SAFETY: virtio_net_config is a plain C struct of integers (repr(C, packed) in
+// virtio-bindings), so every byte pattern is a valid value and it has no padding.
+unsafe impl ByteValued for NetConfig {}
+
+/// Bytes of the config space offered: up to and including `mtu` (the RSS and duplex fields
+/// after it are not offered).
+pub const CONFIG_LEN: usize = std::mem::offset_of!(virtio_net_config, speed);
 
 /// Device settings fixed for the process's life.
 #[derive(Debug, Clone)]
@@ -43,7 +52,7 @@ pub fn device_features(cfg: &DeviceConfig) -> u64 {
     let mut f = 1u64 << VIRTIO_F_VERSION_1
         | 1 << VIRTIO_RING_F_INDIRECT_DESC
         | 1 << VIRTIO_RING_F_EVENT_IDX
-        | 1 << VHOST_USER_F_PROTOCOL_FEATURES
+        | vhost::vhost_user::VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits()
         | 1 << VIRTIO_NET_F_CSUM
         | 1 << VIRTIO_NET_F_GUEST_CSUM
         | 1 << VIRTIO_NET_F_HOST_TSO4
@@ -67,13 +76,14 @@ pub fn device_features(cfg: &DeviceConfig) -> u64 {
 }
 
 /// struct virtio_net_config, little-endian: mac, status (link up), max_virtqueue_pairs, mtu.
-pub fn config_space(cfg: &DeviceConfig) -> [u8; CONFIG_LEN] {
-    let mut c = [0u8; CONFIG_LEN];
-    c[0..6].copy_from_slice(&cfg.mac.0);
-    c[6..8].copy_from_slice(&(VIRTIO_NET_S_LINK_UP as u16).to_le_bytes());
-    c[8..10].copy_from_slice(&cfg.queue_pairs.to_le_bytes());
-    c[10..12].copy_from_slice(&cfg.mtu.unwrap_or(1500).to_le_bytes());
-    c
+pub fn config_space(cfg: &DeviceConfig) -> NetConfig {
+    NetConfig(virtio_net_config {
+        mac: cfg.mac.0,
+        status: (VIRTIO_NET_S_LINK_UP as u16).to_le(),
+        max_virtqueue_pairs: cfg.queue_pairs.to_le(),
+        mtu: cfg.mtu.unwrap_or(1500).to_le(),
+        ..Default::default()
+    })
 }
 
 /// One queue of the tap, as the datapath sees it.
@@ -106,16 +116,14 @@ impl TapIo for TapHandle {
     }
 }
 
-type MemSlot = RwLock<Option<GuestMemoryAtomic<GuestMem>>>;
-
-/// Per-connection backend state. A new one is built for every frontend.
+/// One connection's device: a new one is built in every worker.
 pub struct NetBackend {
     cfg: DeviceConfig,
     tap: Arc<Tap>,
-    mem: MemSlot,
-    workers: Vec<Mutex<PairWorker<TapHandle>>>,
-    exit: Arc<ExitEvents>,
+    mem: GuestMemHandle,
+    pairs: Vec<Mutex<QueuePair<TapHandle>>>,
     acked: AtomicU64,
+    exit: vhostbox_common::ExitEvents,
     stats: Arc<NetStats>,
 }
 
@@ -134,23 +142,61 @@ fn self_kick(v: &VringRwLock) {
 }
 
 impl NetBackend {
-    /// Event id of a pair's tap readiness (ids up to the queue count are reserved).
-    pub fn tap_event(&self) -> u16 {
-        2 * self.cfg.queue_pairs + 1
+    /// A device on `tap` whose queues see the guest memory through `mem`.
+    pub fn new(tap: Arc<Tap>, cfg: DeviceConfig, mem: GuestMemHandle) -> Self {
+        // Every queue starts attached, whatever a previous worker left, so frames sent as soon
+        // as the frontend is set up are not lost; queues of pairs the guest leaves disabled are
+        // detached on their first event.
+        for (i, q) in tap.queues.iter().enumerate() {
+            q.forget_attachment();
+            if let Err(e) = q.set_attached(true) {
+                warn!("tap {} queue {i}: cannot attach: {e}", tap.name);
+            }
+        }
+        let stats = Arc::new(NetStats::default());
+        let pairs = (0..usize::from(cfg.queue_pairs))
+            .map(|index| {
+                let io = TapHandle {
+                    tap: tap.clone(),
+                    index,
+                };
+                Mutex::new(QueuePair::new(io, stats.clone()))
+            })
+            .collect();
+        NetBackend {
+            cfg,
+            tap,
+            mem,
+            pairs,
+            acked: AtomicU64::new(0),
+            exit: Default::default(),
+            stats,
+        }
+    }
+
+    /// Event id of a pair's tap readiness (ids up to the queue count are the library's).
+    pub fn tap_event(queue_pairs: u16) -> u16 {
+        2 * queue_pairs + 1
     }
 
     pub fn stats(&self) -> &NetStats {
         &self.stats
     }
 
-    fn memory(&self) -> Option<Arc<GuestMem>> {
-        let guard = self.mem.read().unwrap_or_else(|e| e.into_inner());
-        guard.as_ref().map(|m| m.memory().into_inner())
+    /// The connection is over: the traffic summary, and no queue attached, so no stale
+    /// frames wait for the next guest.
+    pub fn finished(&self) {
+        info!("traffic of that connection: {}", self.stats.summary());
+        for (i, q) in self.tap.queues.iter().enumerate() {
+            if let Err(e) = q.set_attached(false) {
+                warn!("tap {} queue {i}: cannot detach: {e}", self.tap.name);
+            }
+        }
     }
 
     fn pass(
         &self,
-        worker: &mut PairWorker<TapHandle>,
+        worker: &mut QueuePair<TapHandle>,
         vring: &VringRwLock,
         rx: bool,
         mem: &GuestMem,
@@ -193,7 +239,7 @@ impl VhostUserBackend for NetBackend {
         if let Err((what, e)) = self.tap.queues[0].configure(hdr_len, offloads) {
             warn!("tap {}: {what}: {e}", self.tap.name);
         }
-        for w in &self.workers {
+        for w in &self.pairs {
             w.lock()
                 .unwrap_or_else(|e| e.into_inner())
                 .set_features(features);
@@ -211,7 +257,8 @@ impl VhostUserBackend for NetBackend {
     fn set_event_idx(&self, _enabled: bool) {}
 
     fn get_config(&self, offset: u32, size: u32) -> Vec<u8> {
-        config_slice(&config_space(&self.cfg), offset, size)
+        let space = config_space(&self.cfg);
+        config_slice(&space.as_slice()[..CONFIG_LEN], offset, size)
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
@@ -224,8 +271,8 @@ impl VhostUserBackend for NetBackend {
         ))
     }
 
-    fn update_memory(&self, mem: GuestMemoryAtomic<GuestMem>) -> io::Result<()> {
-        *self.mem.write().unwrap_or_else(|e| e.into_inner()) = Some(mem);
+    fn update_memory(&self, _mem: GuestMemHandle) -> io::Result<()> {
+        // `self.mem` is the same handle, which the library has just updated.
         Ok(())
     }
 
@@ -235,8 +282,8 @@ impl VhostUserBackend for NetBackend {
             .collect()
     }
 
-    fn exit_event(&self, thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit.pair(thread_index)
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit.take()
     }
 
     fn handle_event(
@@ -249,14 +296,15 @@ impl VhostUserBackend for NetBackend {
         let (Some(rxv), Some(txv)) = (vrings.first(), vrings.get(1)) else {
             return Ok(());
         };
-        let mut w = self.workers[thread_id]
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let Some(w) = self.pairs.get(thread_id) else {
+            return Ok(());
+        };
+        let mut w = w.lock().unwrap_or_else(|e| e.into_inner());
         let (mut rx, mut tx) = (false, false);
         match device_event {
             0 => rx = true,
             1 => tx = true,
-            e if e == self.tap_event() => {
+            e if e == Self::tap_event(self.cfg.queue_pairs) => {
                 if evset.intersects(EventSet::IN | EventSet::ERROR | EventSet::HANG_UP) {
                     w.tap_readable();
                     rx = true;
@@ -277,9 +325,7 @@ impl VhostUserBackend for NetBackend {
                 self.tap.name
             );
         }
-        let Some(mem) = self.memory() else {
-            return Ok(());
-        };
+        let mem = self.mem.memory();
         if rx && rx_on {
             self.pass(&mut w, rxv, true, &mem)?;
         }
@@ -295,113 +341,5 @@ impl VhostUserBackend for NetBackend {
             self_kick(txv);
         }
         Ok(())
-    }
-}
-
-/// The device across connections: the tap and the exit events.
-pub struct NetDevice {
-    cfg: DeviceConfig,
-    tap: Arc<Tap>,
-    exit: Arc<ExitEvents>,
-    last: Option<Arc<NetBackend>>,
-    shim: Option<Shim>,
-}
-
-impl NetDevice {
-    pub fn new(tap: Arc<Tap>, cfg: DeviceConfig) -> io::Result<Self> {
-        let exit = Arc::new(ExitEvents::new(usize::from(cfg.queue_pairs))?);
-        Ok(Self {
-            cfg,
-            tap,
-            exit,
-            last: None,
-            shim: None,
-        })
-    }
-
-    /// Makes the relay QEMU needs (it enables rings before it sets features): in each worker,
-    /// before the jail, or once when unconfined.
-    pub fn arm_shim(&mut self) -> io::Result<()> {
-        self.shim = Some(Shim::new()?);
-        Ok(())
-    }
-
-    /// Every fd the device holds (tap queues, exit eventfds): the jail's keep-list.
-    pub fn fds(&self) -> Vec<std::os::fd::RawFd> {
-        let mut v = self.exit.raw_fds();
-        v.extend(self.tap.queues.iter().map(|q| q.raw_fd()));
-        v.extend(self.shim.iter().flat_map(|s| s.fds()));
-        v
-    }
-}
-
-impl Device for NetDevice {
-    type Backend = Arc<NetBackend>;
-
-    fn connect(&mut self) -> io::Result<Arc<NetBackend>> {
-        self.exit.reset();
-        // Every queue starts attached, whatever a previous worker left, so frames sent as soon
-        // as the frontend is set up are not lost; queues of pairs the guest leaves disabled are
-        // detached on their first event.
-        for (i, q) in self.tap.queues.iter().enumerate() {
-            q.forget_attachment();
-            if let Err(e) = q.set_attached(true) {
-                warn!("tap {} queue {i}: cannot attach: {e}", self.tap.name);
-            }
-        }
-        let stats = Arc::new(NetStats::default());
-        let workers = (0..usize::from(self.cfg.queue_pairs))
-            .map(|index| {
-                Mutex::new(PairWorker::new(
-                    TapHandle {
-                        tap: self.tap.clone(),
-                        index,
-                    },
-                    stats.clone(),
-                ))
-            })
-            .collect();
-        let b = Arc::new(NetBackend {
-            cfg: self.cfg.clone(),
-            tap: self.tap.clone(),
-            mem: RwLock::new(None),
-            workers,
-            exit: self.exit.clone(),
-            acked: AtomicU64::new(0),
-            stats,
-        });
-        self.last = Some(b.clone());
-        Ok(b)
-    }
-
-    fn attach(
-        &mut self,
-        backend: &Arc<NetBackend>,
-        handlers: &[Arc<VringEpollHandler<Arc<NetBackend>>>],
-    ) -> io::Result<()> {
-        for (i, h) in handlers.iter().enumerate() {
-            h.register_listener(
-                self.tap.queues[i].raw_fd(),
-                EventSet::IN | EventSet::OUT | EventSet::EDGE_TRIGGERED,
-                u64::from(backend.tap_event()),
-            )?;
-        }
-        Ok(())
-    }
-
-    fn shim(&mut self) -> Option<&mut Shim> {
-        self.shim.as_mut()
-    }
-
-    fn disconnected(&mut self) {
-        if let Some(b) = self.last.take() {
-            info!("traffic of that connection: {}", b.stats.summary());
-        }
-        // No guest: steer nothing to the queues, so no stale frames wait for the next one.
-        for (i, q) in self.tap.queues.iter().enumerate() {
-            if let Err(e) = q.set_attached(false) {
-                warn!("tap {} queue {i}: cannot detach: {e}", self.tap.name);
-            }
-        }
     }
 }

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use libfuzzer_sys::fuzz_target;
 use vhostbox_fuzz::{memory, queue, queue_size};
-use vhostbox_net::datapath::{NetStats, PairWorker, TapIo};
+use vhostbox_net::datapath::{NetStats, QueuePair, TapIo};
 
 struct FakeTap {
     frames: Vec<Vec<u8>>,
@@ -65,7 +65,7 @@ fuzz_target!(|data: &[u8]| {
         full_after: usize::from(data[13]),
         written: 0,
     };
-    let mut w = PairWorker::new(tap, Arc::new(NetStats::default()));
+    let mut w = QueuePair::new(tap, Arc::new(NetStats::default()));
     w.set_features(features);
     let mut q = queue(qs, event_idx);
     let mem = memory(&data[16..]);

@@ -1,9 +1,9 @@
-//! Descriptor-chain walking (request::walk_chain) over guest memory the input fills: loops,
-//! out-of-range indices, nested and malformed indirect tables, chains over 4 GiB.
+//! Descriptor-chain reading (request::read_chain over a HeadChain) in guest memory the input
+//! fills: loops, out-of-range indices, nested and malformed indirect tables, chains over 4 GiB.
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use vhostbox_blk::request::walk_chain;
+use vhostbox_blk::request::{read_chain, HeadChain, MAX_CHAIN};
 use vhostbox_fuzz::{memory, queue_size};
 use vm_memory::GuestAddress;
 
@@ -21,9 +21,12 @@ fuzz_target!(|data: &[u8]| {
     };
     let mem = memory(&data[8..]);
     let mut out = Vec::new();
-    let r = walk_chain(&mem, GuestAddress(table), qs, head, &mut out);
-    // A chain never has more descriptors than its tables can hold.
-    assert!(out.len() <= usize::from(qs) + 65535);
+    let r = read_chain(
+        HeadChain::new(&mem, GuestAddress(table), qs, head),
+        &mut out,
+    );
+    // A chain never has more descriptors than the bound.
+    assert!(out.len() <= MAX_CHAIN);
     if r.is_ok() {
         assert!(!out.is_empty());
     }

@@ -1,0 +1,106 @@
+//! The flags every backend has, and their validation. A backend's own `Args` flattens
+//! [`CommonArgs`]; its `Config` holds the [`CommonConfig`] made from them.
+
+use log::LevelFilter;
+
+use crate::listener::{ListenArgs, ListenError, ListenOn};
+use crate::logging::{parse_level, LevelError};
+use crate::sandbox::{Ids, SandboxArgs, SandboxMode, SeccompMode, UserError};
+
+/// Flags of every backend: where to listen, logging, the jail.
+#[derive(Debug, Clone, clap::Args)]
+pub struct CommonArgs {
+    #[command(flatten)]
+    pub listen: ListenArgs,
+
+    /// Log level: off, error, warn, info, debug, trace. VHOSTBOX_LOG overrides it.
+    #[arg(long, value_name = "LEVEL", default_value = "info")]
+    pub log_level: String,
+
+    #[command(flatten)]
+    pub sandbox: SandboxArgs,
+
+    /// Test builds only: after entering the jail, the worker attempts this escape and reports
+    /// the outcome (see docs/security.md).
+    #[cfg(feature = "jail-probe")]
+    #[arg(long, value_name = "ATTEMPT", hide = true)]
+    pub jail_probe: Option<String>,
+}
+
+/// Why the common flags are not usable.
+#[derive(Debug, thiserror::Error)]
+pub enum CommonError {
+    #[error(transparent)]
+    Listen(#[from] ListenError),
+    #[error(transparent)]
+    LogLevel(#[from] LevelError),
+    #[error(transparent)]
+    User(#[from] UserError),
+}
+
+/// The validated common flags.
+#[derive(Debug, Clone)]
+pub struct CommonConfig {
+    pub listen: ListenOn,
+    pub log_level: LevelFilter,
+    pub sandbox: SandboxMode,
+    pub seccomp: SeccompMode,
+    /// The jailed worker's ids on the host.
+    pub ids: Ids,
+    /// Test builds: the escape the worker attempts after entering the jail.
+    pub jail_probe: Option<String>,
+}
+
+impl TryFrom<CommonArgs> for CommonConfig {
+    type Error = CommonError;
+
+    fn try_from(a: CommonArgs) -> Result<Self, CommonError> {
+        #[cfg(feature = "jail-probe")]
+        let jail_probe = a.jail_probe;
+        #[cfg(not(feature = "jail-probe"))]
+        let jail_probe = None;
+        Ok(CommonConfig {
+            listen: a.listen.to_listen_on()?,
+            log_level: parse_level(&a.log_level)?,
+            ids: a.sandbox.check()?,
+            sandbox: a.sandbox.sandbox,
+            seccomp: a.sandbox.seccomp,
+            jail_probe,
+        })
+    }
+}
+
+/// The largest queue any backend offers.
+pub const MAX_QUEUE_SIZE: u16 = 1024;
+
+/// A `--queue-size` that is not a power of two between 2 and [`MAX_QUEUE_SIZE`].
+#[derive(Debug, thiserror::Error)]
+#[error("--queue-size {0} must be a power of two between 2 and {MAX_QUEUE_SIZE}")]
+pub struct QueueSizeError(pub u16);
+
+/// Checks `--queue-size`.
+pub fn check_queue_size(n: u16) -> Result<u16, QueueSizeError> {
+    if n.is_power_of_two() && (2..=MAX_QUEUE_SIZE).contains(&n) {
+        Ok(n)
+    } else {
+        Err(QueueSizeError(n))
+    }
+}
+
+/// A count flag (`--num-queues`, `--queue-pairs`) outside `1..=max`.
+#[derive(Debug, thiserror::Error)]
+#[error("{flag} {value} is out of range 1-{max}")]
+pub struct CountError {
+    pub flag: &'static str,
+    pub value: u16,
+    pub max: u16,
+}
+
+/// Checks a count flag.
+pub fn check_count(flag: &'static str, value: u16, max: u16) -> Result<u16, CountError> {
+    if (1..=max).contains(&value) {
+        Ok(value)
+    } else {
+        Err(CountError { flag, value, max })
+    }
+}

@@ -1,0 +1,255 @@
+//! The one launcher every backend runs under.
+//!
+//! A backend describes its device with the [`Device`] trait: its command line, what the
+//! supervisor opens with its privileges (an image, a tap), what a worker builds before it gives
+//! them up (io_uring rings, eventfds, the per-connection vhost-user backend) and its part of the
+//! seccomp allow-list. [`main`] does the rest, the same for every backend:
+//!
+//! 1. parse and validate the command line (usage errors exit 2), start logging;
+//! 2. bind the socket (or take `--fd`), then let the device open what it needs;
+//! 3. supervise: fork one worker per frontend connection, and a fresh one when it ends or dies
+//!    ([`crate::sandbox::supervisor`]);
+//! 4. in each worker: build the device, make the relay, enter the jail (skipped with
+//!    `--sandbox none`, which changes nothing else), then serve exactly one connection
+//!    ([`crate::connection`]) and exit.
+//!
+//! So every connection starts from a process that no earlier frontend has touched, in every
+//! sandbox mode, and no code exists for an in-process loop over connections.
+
+use std::io;
+use std::os::fd::RawFd;
+
+use clap::Parser;
+use log::{error, warn};
+use vhost_user_backend::{VhostUserBackend, VringRwLock};
+use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
+use vmm_sys_util::epoll::EventSet;
+
+use crate::cli::CommonConfig;
+use crate::connection::{self, Drainer};
+use crate::listener::VhostListener;
+use crate::relay::{Hook, Relay};
+use crate::sandbox::seccomp::Rules;
+use crate::sandbox::supervisor::{self, EmptyDir, WorkerCtx, EXIT_JAIL_FAILED};
+use crate::sandbox::{self, JailConfig, SandboxMode};
+use crate::{error_chain, EXIT_USAGE};
+
+/// Guest memory as the backends map it (no dirty bitmap).
+pub type GuestMem = GuestMemoryMmap<()>;
+
+/// The connection's guest memory: the frontend's current table, replaced as it changes.
+pub type GuestMemHandle = GuestMemoryAtomic<GuestMem>;
+
+/// Resource limits of a worker, which depend on the device.
+#[derive(Debug, Clone, Copy)]
+pub struct Limits {
+    /// RLIMIT_NOFILE: fds the worker may hold (its own plus what a frontend sends).
+    pub nofile: u64,
+    /// RLIMIT_NPROC: tasks (threads) the worker may have.
+    pub nproc: u64,
+    /// RLIMIT_FSIZE: largest file offset the worker may write.
+    pub fsize: u64,
+}
+
+/// An fd of the device to watch in a queue thread's epoll, besides the kick eventfds.
+#[derive(Debug, Clone, Copy)]
+pub struct Watch {
+    /// Which queue thread.
+    pub thread: usize,
+    pub fd: RawFd,
+    pub events: EventSet,
+    /// The event id `handle_event` sees (greater than the number of queues).
+    pub id: u64,
+}
+
+/// A device's side of one connection, built in the worker before the jail.
+pub struct Connection<B> {
+    /// The vhost-user backend the library drives.
+    pub backend: B,
+    /// Every fd the worker must keep in the jail (what the device opened, rings, eventfds).
+    pub fds: Vec<RawFd>,
+    /// Sees each frontend message before the library (see [`crate::relay`]).
+    pub hook: Option<Box<dyn Hook>>,
+    /// Fds to add to the queue threads' epolls.
+    pub watch: Vec<Watch>,
+    /// Runs on SIGTERM, before the frontend is cut off: completes what is in flight.
+    pub drain: Option<Drainer>,
+    /// Runs when the connection is over (a summary for the log).
+    pub finished: Option<Box<dyn FnOnce() + Send>>,
+    /// Test builds: has a pre-made io_uring open a path (the `io-uring-openat` probe).
+    #[cfg(feature = "jail-probe")]
+    pub probe_openat: Option<crate::sandbox::probe::UringOpen>,
+}
+
+impl<B> Connection<B> {
+    /// A connection with nothing but the backend.
+    pub fn new(backend: B) -> Self {
+        Connection {
+            backend,
+            fds: Vec::new(),
+            hook: None,
+            watch: Vec::new(),
+            drain: None,
+            finished: None,
+            #[cfg(feature = "jail-probe")]
+            probe_openat: None,
+        }
+    }
+}
+
+/// What a backend binary is: everything that is not common to all of them.
+pub trait Device: Sized {
+    /// The program's name, for logs and errors.
+    const NAME: &'static str;
+    /// The command line (a clap parser that flattens [`crate::cli::CommonArgs`]).
+    type Args: Parser;
+    /// Why the command line cannot be used.
+    type ConfigError: std::error::Error;
+    /// What the supervisor opens with its privileges and keeps for its whole life.
+    type Opened;
+    /// Why opening failed (a usage error: exit status 2).
+    type OpenError: std::error::Error;
+    /// The vhost-user backend of one connection.
+    type Backend: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static;
+
+    /// Validates the command line.
+    fn configure(args: Self::Args) -> Result<(CommonConfig, Self), Self::ConfigError>;
+
+    /// In the supervisor, with its privileges, before any worker exists.
+    fn open(&self) -> Result<Self::Opened, Self::OpenError>;
+
+    /// The worker's resource limits.
+    fn limits(&self, opened: &Self::Opened) -> Limits;
+
+    /// The worker's seccomp allow-list (the device part added to
+    /// [`crate::sandbox::seccomp::transport_rules`]).
+    fn seccomp(&self, opened: &Self::Opened, own_pid: u32) -> Rules;
+
+    /// In a fresh worker, still privileged: everything the connection needs that cannot be
+    /// made in the jail. `mem` is the guest memory the library will fill in.
+    fn build(
+        &self,
+        opened: &Self::Opened,
+        mem: &GuestMemHandle,
+    ) -> io::Result<Connection<Self::Backend>>;
+}
+
+/// The whole program: parse, open, supervise. Returns the exit status.
+pub fn main<D: Device>() -> i32 {
+    let args = D::Args::parse();
+    let (common, dev) = match D::configure(args) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("{}: {}", D::NAME, error_chain(&e));
+            return EXIT_USAGE;
+        }
+    };
+    crate::logging::init(D::NAME, common.log_level);
+    run(&common, &dev)
+}
+
+/// Opens what is privileged and supervises workers until SIGTERM, SIGINT or SIGHUP.
+pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
+    connection::block_shutdown_signals();
+    // Everything privileged first, before anything a sandbox would forbid.
+    let listener = match VhostListener::open(&common.listen) {
+        Ok(l) => l,
+        Err(e) => return usage(D::NAME, &e),
+    };
+    let opened = match dev.open() {
+        Ok(o) => o,
+        Err(e) => return usage(D::NAME, &e),
+    };
+    if common.sandbox == SandboxMode::None {
+        warn!(
+            "*** --sandbox none: the workers run UNCONFINED, with all the privileges of this \
+             user ***"
+        );
+    }
+    let chroot_dir = match EmptyDir::for_mode(common.sandbox) {
+        Ok(d) => d,
+        Err(e) => {
+            error!("cannot create the empty chroot directory: {e}");
+            return 1;
+        }
+    };
+    let limits = dev.limits(&opened);
+    let jail = JailConfig {
+        mode: common.sandbox,
+        seccomp: common.seccomp,
+        ids: common.ids,
+        chroot_dir: chroot_dir.as_ref().map(|d| d.0.clone()),
+        nofile: limits.nofile,
+        nproc: limits.nproc,
+        fsize: limits.fsize,
+    };
+    // Only for syscall names in the supervisor's messages.
+    let names = dev.seccomp(&opened, 1);
+    let code = supervisor::supervise(&jail, &names, |ctx| {
+        worker(dev, &opened, &jail, &listener, common, ctx)
+    });
+    drop(chroot_dir);
+    drop(listener);
+    code
+}
+
+fn usage(name: &str, e: &dyn std::error::Error) -> i32 {
+    eprintln!("{name}: {}", error_chain(e));
+    EXIT_USAGE
+}
+
+/// One worker process: build, jail, serve one connection. Returns its exit status.
+fn worker<D: Device>(
+    dev: &D,
+    opened: &D::Opened,
+    jail: &JailConfig,
+    listener: &VhostListener,
+    common: &CommonConfig,
+    ctx: WorkerCtx,
+) -> i32 {
+    let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
+    let conn = match dev.build(opened, &mem) {
+        Ok(c) => c,
+        Err(e) => {
+            error!("cannot set up the device: {}", error_chain(&e));
+            return EXIT_JAIL_FAILED;
+        }
+    };
+    let relay = match Relay::new() {
+        Ok(r) => r,
+        Err(e) => {
+            error!("cannot set up the vhost-user relay: {e}");
+            return EXIT_JAIL_FAILED;
+        }
+    };
+    let mut keep = vec![listener.raw_fd(), ctx.report_fd];
+    keep.extend(relay.fds());
+    keep.extend(&conn.fds);
+    sandbox::seccomp::set_report_fd(ctx.report_fd);
+    // SAFETY: getpid has no arguments.
+    let pid = unsafe { libc::getpid() } as u32;
+    if let Err(e) = sandbox::enter(jail, &keep, dev.seccomp(opened, pid)) {
+        error!("cannot enter the sandbox: {}", error_chain(&e));
+        return EXIT_JAIL_FAILED;
+    }
+    #[cfg(feature = "jail-probe")]
+    let mut conn = conn;
+    #[cfg(feature = "jail-probe")]
+    if let Some(p) = &common.jail_probe {
+        // Only the first worker probes, so its replacement shows the device still works;
+        // `seccomp-after=N` arms every worker instead.
+        if !crate::sandbox::probe::arm_crash(p) && ctx.generation == 1 {
+            let mut open = conn.probe_openat.take();
+            return crate::sandbox::probe::run(p, open.as_mut());
+        }
+    }
+    #[cfg(not(feature = "jail-probe"))]
+    let _ = (&common.jail_probe, ctx.generation);
+    match connection::serve(D::NAME, listener, relay, conn, mem) {
+        Ok(()) => 0,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            1
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! The relay between the frontend's connection and vhost-user-backend.
+//!
+//! Every frontend message passes through a small thread of the worker before the library sees
+//! it, for two reasons:
+//!
+//! - QEMU's virtio-net sends VHOST_USER_SET_VRING_ENABLE for every queue pair as soon as the
+//!   guest acknowledges its features, which is before QEMU starts the vhost device and sends
+//!   VHOST_USER_SET_FEATURES. vhost-user-backend 0.24 rejects SET_VRING_ENABLE until
+//!   VHOST_USER_F_PROTOCOL_FEATURES has been acknowledged in SET_FEATURES, and drops the
+//!   connection. The spec only says the message "should be sent only when
+//!   VHOST_USER_F_PROTOCOL_FEATURES has been negotiated" (it was: the bit was offered and the
+//!   protocol features set). So until SET_FEATURES has gone by, the relay answers
+//!   SET_VRING_ENABLE itself (an ack when one is asked for), remembers the state asked for,
+//!   and hands the remembered states to the library right after SET_FEATURES: QEMU repeats
+//!   them after starting the device only for multiqueue NICs.
+//! - A device may add a [`Hook`] that sees every frontend message first and may answer it
+//!   itself: vhostbox-blk answers the in-flight tracking messages (GET_INFLIGHT_FD and
+//!   SET_INFLIGHT_FD) there, which vhost-user-backend does not implement.
+//!
+//! vhost-user-backend only takes connections from a listener, so the library's side is a
+//! listener of its own with exactly one connection queued: the relay's. [`Relay::new`] makes
+//! both before the jail (the jailed worker needs no socket or connect), and the listener is
+//! closed as soon as the library has accepted, so nothing is left listening. Its abstract name
+//! is private to the worker's network namespace in `--sandbox namespace`; in the other modes a
+//! local process could see it in /proc/net/unix, so the listener's backlog is 0 (one pending
+//! connection fits, no second) and the relay's own connect is non-blocking: if anyone else got
+//! in first, that connect fails and the listener is made again under a new name. A connection
+//! made after the library's accept is never accepted and dies with the listener.
+//!
+//! Only control messages pass through the relay; the datapath (shared memory, eventfds) never
+//! does.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::{UnixListener, UnixStream};
+
+use log::debug;
+use vhost::vhost_user::message::{
+    FrontendReq, VhostUserHeaderFlag, VhostUserVringState, MAX_MSG_SIZE,
+};
+use vhost::vhost_user::Listener;
+use vm_memory::ByteValued;
+use vmm_sys_util::sock_ctrl_msg::ScmSocket;
+
+/// The most fds one vhost-user message carries (VHOST_MEMORY_BASELINE_NREGIONS).
+const MAX_FDS: usize = 8;
+/// Bytes of the message header: request, flags, size (three native-endian u32).
+const HEADER: usize = 12;
+/// Largest payload of a well-formed message (vhost's MAX_MSG_SIZE less the header).
+const MAX_PAYLOAD: usize = MAX_MSG_SIZE - HEADER;
+/// Attempts at a listener nobody else connected to first.
+const BIND_ATTEMPTS: usize = 8;
+
+/// What the relay does with a frontend message.
+pub enum Action {
+    /// Pass it on to vhost-user-backend.
+    Forward,
+    /// Answer the frontend with this message (or nothing) and do not pass it on.
+    Answer(Option<Msg>),
+}
+
+/// Sees each frontend message before the library does.
+pub trait Hook: Send {
+    fn on_frontend(&mut self, msg: &mut Msg) -> Action;
+}
+
+/// The library's side, made before the jail: a private listener with the relay's connection
+/// queued on it.
+pub struct Relay {
+    listener: Listener,
+    ours: UnixStream,
+}
+
+impl Relay {
+    /// Makes the private listener and queues the relay's connection on it.
+    pub fn new() -> io::Result<Relay> {
+        let mut last = None;
+        for _ in 0..BIND_ATTEMPTS {
+            let (listener, name) = private_listener()?;
+            match connect_nonblocking(&name) {
+                Ok(ours) => {
+                    ours.set_nonblocking(false)?;
+                    return Ok(Relay {
+                        listener: Listener::from(listener),
+                        ours,
+                    });
+                }
+                // Someone else's connection filled the one place: start afresh.
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    log::warn!("relay: a foreign connection to {name:?} was refused; new name");
+                    last = Some(e);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| io::Error::other("no private listener")))
+    }
+
+    /// The fds to keep in a jail.
+    pub fn fds(&self) -> Vec<RawFd> {
+        vec![self.listener.as_raw_fd(), self.ours.as_raw_fd()]
+    }
+
+    /// Relays `frontend` on a thread, passing each message to `hook` first. Returns the
+    /// library's side: the listener to hand to `VhostUserDaemon::start`, to be dropped right
+    /// after.
+    pub fn start(self, frontend: UnixStream, hook: Option<Box<dyn Hook>>) -> io::Result<Listener> {
+        let ours = self.ours;
+        std::thread::Builder::new()
+            .name("vu-relay".into())
+            .spawn(move || relay(frontend, ours, hook))?;
+        Ok(self.listener)
+    }
+}
+
+/// A listening socket with a random abstract name and room for one pending connection.
+fn private_listener() -> io::Result<(UnixListener, Vec<u8>)> {
+    let mut rnd = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into `rnd`.
+    if unsafe { libc::getrandom(rnd.as_mut_ptr().cast(), rnd.len(), 0) } != 8 {
+        return Err(io::Error::last_os_error());
+    }
+    let name = format!(
+        "vhostbox-relay-{}-{:016x}",
+        std::process::id(),
+        u64::from_ne_bytes(rnd)
+    )
+    .into_bytes();
+    let fd = socket()?;
+    let (addr, len) = abstract_addr(&name);
+    // SAFETY: bind and listen on our own socket with an initialised address of `len` bytes.
+    unsafe {
+        if libc::bind(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        ) < 0
+            || libc::listen(fd.as_raw_fd(), 0) < 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok((UnixListener::from(fd), name))
+}
+
+fn socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn abstract_addr(name: &[u8]) -> (libc::sockaddr_un, libc::socklen_t) {
+    let mut addr = libc::sockaddr_un {
+        sun_family: libc::AF_UNIX as libc::sa_family_t,
+        sun_path: [0; 108],
+    };
+    // sun_path[0] stays 0: an abstract name.
+    for (d, &s) in addr.sun_path[1..].iter_mut().zip(name) {
+        *d = s as libc::c_char;
+    }
+    let len = std::mem::size_of::<libc::sa_family_t>() + 1 + name.len().min(107);
+    (addr, len as libc::socklen_t)
+}
+
+/// Connects without waiting: a listener with no room answers EAGAIN at once.
+fn connect_nonblocking(name: &[u8]) -> io::Result<UnixStream> {
+    // SAFETY: socket(2) with constant arguments; the result is checked.
+    let fd = unsafe {
+        libc::socket(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+            0,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh fd that nothing else owns.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (addr, len) = abstract_addr(name);
+    // SAFETY: connect with an initialised address of `len` bytes.
+    let r = unsafe {
+        libc::connect(
+            fd.as_raw_fd(),
+            (&addr as *const libc::sockaddr_un).cast(),
+            len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(UnixStream::from(fd))
+}
+
+/// One vhost-user message: the header fields, the payload and the fds that came with it.
+pub struct Msg {
+    request: u32,
+    flags: u32,
+    pub payload: Vec<u8>,
+    pub fds: Vec<OwnedFd>,
+}
+
+impl Msg {
+    /// The request code as sent.
+    pub fn code(&self) -> u32 {
+        self.request
+    }
+
+    /// The request, if the code is one vhost knows.
+    pub fn request(&self) -> Option<FrontendReq> {
+        FrontendReq::try_from(self.request).ok()
+    }
+
+    /// Whether the frontend asked for an acknowledgement (REPLY_ACK).
+    pub fn needs_reply(&self) -> bool {
+        self.flags & VhostUserHeaderFlag::NEED_REPLY.bits() != 0
+    }
+
+    /// The payload's first bytes as `T`, if it has that many.
+    pub fn payload_as<T: ByteValued>(&self) -> Option<T> {
+        let bytes = self.payload.get(..std::mem::size_of::<T>())?;
+        T::from_slice(bytes).copied()
+    }
+
+    /// A reply to `request` carrying `payload` and `fds`.
+    pub fn reply(request: FrontendReq, payload: Vec<u8>, fds: Vec<OwnedFd>) -> Msg {
+        Msg {
+            request: request.into(),
+            flags: 1 | VhostUserHeaderFlag::REPLY.bits(),
+            payload,
+            fds,
+        }
+    }
+
+    /// A request that asks for no reply.
+    pub fn new_request(request: FrontendReq, payload: Vec<u8>) -> Msg {
+        Msg {
+            request: request.into(),
+            flags: 1,
+            payload,
+            fds: Vec::new(),
+        }
+    }
+
+    /// The REPLY_ACK answer: 0 for success, anything else for failure.
+    pub fn ack(request: FrontendReq, ok: bool) -> Msg {
+        Self::reply(request, u64::from(!ok).to_le_bytes().to_vec(), Vec::new())
+    }
+
+    fn header(&self) -> [u8; HEADER] {
+        let mut h = [0u8; HEADER];
+        h[0..4].copy_from_slice(&self.request.to_ne_bytes());
+        h[4..8].copy_from_slice(&self.flags.to_ne_bytes());
+        h[8..12].copy_from_slice(&(self.payload.len() as u32).to_ne_bytes());
+        h
+    }
+}
+
+/// Reads one message; None at end of stream.
+fn read_msg(s: &UnixStream) -> io::Result<Option<Msg>> {
+    let mut hdr = [0u8; HEADER];
+    let mut fds = [-1; MAX_FDS];
+    let mut iov = [libc::iovec {
+        iov_base: hdr.as_mut_ptr().cast(),
+        iov_len: hdr.len(),
+    }];
+    // SAFETY: the iovec points to `hdr`, which we own and which may take any bytes.
+    let (n, nfds) = unsafe { s.recv_with_fds(&mut iov, &mut fds) }.map_err(io::Error::other)?;
+    // SAFETY: recv_with_fds handed these fds to us; nothing else owns them.
+    let fds: Vec<OwnedFd> = fds[..nfds]
+        .iter()
+        .map(|&fd| unsafe { OwnedFd::from_raw_fd(fd) })
+        .collect();
+    if n == 0 {
+        return Ok(None);
+    }
+    read_exact(s, &mut hdr[n..])?;
+    let field = |i: usize| u32::from_ne_bytes(hdr[4 * i..4 * i + 4].try_into().expect("4 bytes"));
+    let size = field(2) as usize;
+    if size > MAX_PAYLOAD {
+        return Err(io::Error::other(format!("message payload of {size} bytes")));
+    }
+    let mut payload = vec![0u8; size];
+    read_exact(s, &mut payload)?;
+    Ok(Some(Msg {
+        request: field(0),
+        flags: field(1),
+        payload,
+        fds,
+    }))
+}
+
+fn read_exact(s: &UnixStream, mut buf: &mut [u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: reads at most buf.len() bytes into a buffer we own.
+        let n = unsafe { libc::read(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        match n {
+            0 => return Err(io::ErrorKind::UnexpectedEof.into()),
+            n if n < 0 => {
+                let e = io::Error::last_os_error();
+                if e.kind() != io::ErrorKind::Interrupted {
+                    return Err(e);
+                }
+            }
+            n => buf = &mut buf[n as usize..],
+        }
+    }
+    Ok(())
+}
+
+fn write_msg(s: &UnixStream, m: &Msg) -> io::Result<()> {
+    let mut bytes = m.header().to_vec();
+    bytes.extend_from_slice(&m.payload);
+    let fds: Vec<RawFd> = m.fds.iter().map(|f| f.as_raw_fd()).collect();
+    let n = s
+        .send_with_fds(&[&bytes[..]], &fds)
+        .map_err(io::Error::other)?;
+    if n != bytes.len() {
+        // The fds went with the first part; the rest is plain data.
+        let mut w = s;
+        std::io::Write::write_all(&mut w, &bytes[n..])?;
+    }
+    Ok(())
+}
+
+/// Most early ring states remembered (a frontend could send any index).
+const MAX_EARLY: usize = 512;
+
+/// The relay's bookkeeping of SET_VRING_ENABLE before SET_FEATURES.
+#[derive(Default)]
+struct EarlyEnable {
+    features_set: bool,
+    states: std::collections::BTreeMap<u32, u32>,
+}
+
+impl EarlyEnable {
+    /// Whether the relay answers `m` itself (it was remembered).
+    fn take(&mut self, m: &Msg) -> bool {
+        if self.features_set || m.request() != Some(FrontendReq::SET_VRING_ENABLE) {
+            return false;
+        }
+        debug!("relay: SET_VRING_ENABLE before SET_FEATURES answered here");
+        if let Some(s) = m.payload_as::<VhostUserVringState>() {
+            let (index, num) = (s.index, s.num);
+            if self.states.len() < MAX_EARLY || self.states.contains_key(&index) {
+                self.states.insert(index, num);
+            }
+        }
+        true
+    }
+
+    /// After `m` went to the library: the remembered states, once SET_FEATURES went by.
+    fn after(&mut self, m: &Msg) -> Vec<Msg> {
+        if self.features_set || m.request() != Some(FrontendReq::SET_FEATURES) {
+            return Vec::new();
+        }
+        self.features_set = true;
+        std::mem::take(&mut self.states)
+            .into_iter()
+            .map(|(index, state)| {
+                debug!("relay: ring {index} enable={state} passed on after SET_FEATURES");
+                let s = VhostUserVringState::new(index, state);
+                Msg::new_request(FrontendReq::SET_VRING_ENABLE, s.as_slice().to_vec())
+            })
+            .collect()
+    }
+}
+
+/// Waits until `a` or `b` is readable (or hung up): which ones.
+fn wait_readable(a: &UnixStream, b: &UnixStream) -> io::Result<(bool, bool)> {
+    loop {
+        let mut p = [a.as_raw_fd(), b.as_raw_fd()].map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        // SAFETY: two valid pollfds.
+        if unsafe { libc::poll(p.as_mut_ptr(), 2, -1) } < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        return Ok((p[0].revents != 0, p[1].revents != 0));
+    }
+}
+
+fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hook>>) {
+    let mut early = EarlyEnable::default();
+    let r = (|| -> io::Result<()> {
+        loop {
+            let (from_frontend, from_backend) = wait_readable(&frontend, &backend)?;
+            if from_frontend {
+                let Some(mut m) = read_msg(&frontend)? else {
+                    return Ok(());
+                };
+                if let Some(h) = hook.as_mut() {
+                    if let Action::Answer(reply) = h.on_frontend(&mut m) {
+                        if let Some(r) = reply {
+                            write_msg(&frontend, &r)?;
+                        }
+                        continue;
+                    }
+                }
+                if early.take(&m) {
+                    if m.needs_reply() {
+                        write_msg(&frontend, &Msg::ack(FrontendReq::SET_VRING_ENABLE, true))?;
+                    }
+                    continue;
+                }
+                write_msg(&backend, &m)?;
+                for e in early.after(&m) {
+                    write_msg(&backend, &e)?;
+                }
+            }
+            if from_backend {
+                let Some(m) = read_msg(&backend)? else {
+                    return Ok(());
+                };
+                write_msg(&frontend, &m)?;
+            }
+        }
+    })();
+    if let Err(e) = r {
+        debug!("relay ended: {e}");
+    }
+    let _ = frontend.shutdown(std::net::Shutdown::Both);
+    let _ = backend.shutdown(std::net::Shutdown::Both);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The name the relay's listener is bound to, from the kernel.
+    fn bound_name(l: &Listener) -> Vec<u8> {
+        let mut addr: libc::sockaddr_un = libc::sockaddr_un {
+            sun_family: 0,
+            sun_path: [0; 108],
+        };
+        let mut len = std::mem::size_of::<libc::sockaddr_un>() as libc::socklen_t;
+        // SAFETY: getsockname into a sockaddr_un we own, `len` its size.
+        let r = unsafe {
+            libc::getsockname(
+                l.as_raw_fd(),
+                (&mut addr as *mut libc::sockaddr_un).cast(),
+                &mut len,
+            )
+        };
+        assert_eq!(r, 0);
+        let n = len as usize - std::mem::size_of::<libc::sa_family_t>();
+        addr.sun_path[1..n].iter().map(|&c| c as u8).collect()
+    }
+
+    #[test]
+    fn a_foreign_connect_gets_no_place_and_nothing_after_the_accept() {
+        let relay = Relay::new().unwrap();
+        let name = bound_name(&relay.listener);
+        // The one place is taken by the relay's own connection.
+        let e = connect_nonblocking(&name).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::WouldBlock, "{e}");
+        let (frontend, _peer) = UnixStream::pair().unwrap();
+        let listener = relay.start(frontend, None).unwrap();
+        let accepted = listener.accept().unwrap().expect("the relay's connection");
+        drop(listener);
+        drop(accepted);
+        // Nothing listens any more.
+        let e = connect_nonblocking(&name).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::ConnectionRefused, "{e}");
+    }
+
+    #[test]
+    fn enable_before_features_is_answered_then_passed_on() {
+        let mut early = EarlyEnable::default();
+        let enable = |i: u32| {
+            Msg::new_request(
+                FrontendReq::SET_VRING_ENABLE,
+                VhostUserVringState::new(i, 1).as_slice().to_vec(),
+            )
+        };
+        assert!(early.take(&enable(0)));
+        assert!(early.take(&enable(1)));
+        let features = Msg::new_request(FrontendReq::SET_FEATURES, vec![0; 8]);
+        assert!(!early.take(&features));
+        let passed = early.after(&features);
+        assert_eq!(passed.len(), 2);
+        assert_eq!(
+            passed[1]
+                .payload_as::<VhostUserVringState>()
+                .map(|s| s.index),
+            Some(1)
+        );
+        assert!(
+            !early.take(&enable(2)),
+            "after SET_FEATURES the library answers"
+        );
+        assert!(early.after(&features).is_empty());
+    }
+}
