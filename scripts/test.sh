@@ -13,10 +13,15 @@ echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --workspace --all-targets -- -D warnings
+cargo clippy --workspace --all-targets \
+    --features vhostbox-blk/jail-probe,vhostbox-net/jail-probe -- -D warnings
+echo "== cargo doc"
+RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps --quiet
 echo "== build"
 cargo build --workspace --bins
 echo "== test-only jail-probe build (never shipped: target/jail-probe)"
-cargo build -p vhostbox-blk --features jail-probe --target-dir target/jail-probe
+cargo build -p vhostbox-blk -p vhostbox-net --features vhostbox-blk/jail-probe,vhostbox-net/jail-probe \
+    --target-dir target/jail-probe
 if [ "${VHOSTBOX_SKIP_VM:-0}" != 1 ]; then
     echo "== guest image"
     scripts/build-guest.sh build/guest

@@ -113,6 +113,22 @@ impl Layout {
     }
 }
 
+/// The device's view of a ring of `size` entries at `at`: a ready virtio-queue `Queue`,
+/// whatever the memory holds (fuzz targets fill it from their input).
+pub fn device_queue(size: u16, at: Layout, event_idx: bool) -> Queue {
+    let mut q = Queue::new(size.max(1).next_power_of_two()).expect("queue size");
+    q.set_size(size);
+    q.try_set_desc_table_address(GuestAddress(at.desc))
+        .expect("desc table address");
+    q.try_set_avail_ring_address(GuestAddress(at.avail))
+        .expect("avail ring address");
+    q.try_set_used_ring_address(GuestAddress(at.used))
+        .expect("used ring address");
+    q.set_event_idx(event_idx);
+    q.set_ready(true);
+    q
+}
+
 /// The driver's side of one split virtqueue.
 pub struct SplitRing<M> {
     mem: M,
@@ -167,6 +183,10 @@ impl<M: RingMemory> SplitRing<M> {
     pub fn num_free(&self) -> usize {
         self.free.len()
     }
+    /// The table slot the next added chain's head will take.
+    pub fn next_free(&self) -> Option<u16> {
+        self.free.last().copied()
+    }
     /// The next avail index the driver will publish.
     pub fn avail_idx(&self) -> u16 {
         self.avail_idx
@@ -178,17 +198,7 @@ impl<M: RingMemory> SplitRing<M> {
 
     /// The device's view: a ready virtio-queue `Queue` on this ring.
     pub fn queue(&self) -> Queue {
-        let mut q = Queue::new(self.size).expect("queue size");
-        q.set_size(self.size);
-        q.try_set_desc_table_address(GuestAddress(self.at.desc))
-            .expect("desc table address");
-        q.try_set_avail_ring_address(GuestAddress(self.at.avail))
-            .expect("avail ring address");
-        q.try_set_used_ring_address(GuestAddress(self.at.used))
-            .expect("used ring address");
-        q.set_event_idx(self.event_idx);
-        q.set_ready(true);
-        q
+        device_queue(self.size, self.at, self.event_idx)
     }
 
     /// Writes descriptor `i` of the table at `table`.

@@ -5,7 +5,8 @@
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
-use virtio_queue::{Queue, QueueT};
+use vhostbox_common::test_utils::{device_queue, Layout};
+use virtio_queue::Queue;
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
 /// Guest memory size: small, so that random addresses often land inside it.
@@ -30,14 +31,12 @@ pub fn memory(data: &[u8]) -> Mem {
 /// A ready queue of `size` (a power of two up to 256) with its rings at the fixed addresses:
 /// the descriptors and the avail ring come from the input.
 pub fn queue(size: u16, event_idx: bool) -> Queue {
-    let mut q = Queue::new(256).unwrap();
-    q.set_size(size);
-    q.set_desc_table_address(Some(DESC_TABLE as u32), Some(0));
-    q.set_avail_ring_address(Some(AVAIL_RING as u32), Some(0));
-    q.set_used_ring_address(Some(USED_RING as u32), Some(0));
-    q.set_event_idx(event_idx);
-    q.set_ready(true);
-    q
+    let at = Layout {
+        desc: DESC_TABLE,
+        avail: AVAIL_RING,
+        used: USED_RING,
+    };
+    device_queue(size, at, event_idx)
 }
 
 /// Queue sizes the targets pick from.

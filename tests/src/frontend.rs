@@ -7,7 +7,7 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::sync::atomic::{fence, AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -16,10 +16,11 @@ use vhost::vhost_user::{Frontend, VhostUserFrontend, VhostUserProtocolFeatures};
 use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
 use vmm_sys_util::eventfd::EventFd;
 
-pub const VIRTQ_DESC_F_NEXT: u16 = 1;
-pub const VIRTQ_DESC_F_WRITE: u16 = 2;
-pub const VIRTQ_DESC_F_INDIRECT: u16 = 4;
-const VRING_USED_F_NO_NOTIFY: u16 = 1;
+pub use vhostbox_common::test_utils::{
+    Desc, F_INDIRECT as VIRTQ_DESC_F_INDIRECT, F_NEXT as VIRTQ_DESC_F_NEXT,
+    F_WRITE as VIRTQ_DESC_F_WRITE,
+};
+use vhostbox_common::test_utils::{Layout, RingMemory, SplitRing};
 
 pub const VIRTIO_RING_F_INDIRECT_DESC: u64 = 1 << 28;
 pub const VIRTIO_RING_F_EVENT_IDX: u64 = 1 << 29;
@@ -228,31 +229,27 @@ impl GuestMemory {
     }
 }
 
-/// A descriptor as written to a table, for `Virtqueue::add_raw_descs`.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct Desc {
-    pub addr: u64,
-    pub len: u32,
-    pub flags: u16,
-    pub next: u16,
+impl RingMemory for GuestMemory {
+    fn write(&self, addr: u64, data: &[u8]) {
+        GuestMemory::write(self, addr, data)
+    }
+    fn read(&self, addr: u64, buf: &mut [u8]) {
+        GuestMemory::read(self, addr, buf)
+    }
+    fn store_u16(&self, addr: u64, v: u16) {
+        self.atomic_u16(addr).store(v, Ordering::Release)
+    }
+    fn load_u16(&self, addr: u64) -> u16 {
+        self.atomic_u16(addr).load(Ordering::Acquire)
+    }
 }
 
-/// The driver side of a split virtqueue in guest memory.
+/// The driver side of a split virtqueue in guest memory (vhostbox-common's `SplitRing`), with
+/// its kick and call eventfds.
 pub struct Virtqueue {
-    mem: Arc<GuestMemory>,
-    size: u16,
-    desc: u64,
-    avail: u64,
-    used: u64,
-    free: Vec<u16>,
-    /// Table slots owned by each in-flight head (empty: not in flight).
-    chains: Vec<Vec<u16>>,
+    ring: SplitRing<Arc<GuestMemory>>,
     /// Per-head indirect table: address and capacity in descriptors.
     indirect: Vec<(u64, usize)>,
-    avail_idx: u16,
-    kicked_idx: u16,
-    last_used: u16,
-    event_idx: bool,
     kick: EventFd,
     call: EventFd,
 }
@@ -266,53 +263,42 @@ impl Virtqueue {
             "bad queue size {size}"
         );
         let n = u64::from(size);
-        let desc = mem.alloc(16 * n as usize, 16);
-        let avail = mem.alloc(6 + 2 * n as usize, 2);
-        let used = mem.alloc(6 + 8 * n as usize, 4);
+        let at = Layout {
+            desc: mem.alloc(16 * n as usize, 16),
+            avail: mem.alloc(6 + 2 * n as usize, 2),
+            used: mem.alloc(6 + 8 * n as usize, 4),
+        };
         let efd = || EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC);
         Ok(Virtqueue {
-            mem,
-            size,
-            desc,
-            avail,
-            used,
-            free: (0..size).rev().collect(),
-            chains: vec![Vec::new(); size.into()],
+            ring: SplitRing::new(mem, size, at).with_event_idx(event_idx),
             indirect: vec![(0, 0); size.into()],
-            avail_idx: 0,
-            kicked_idx: 0,
-            last_used: 0,
-            event_idx,
             kick: efd()?,
             call: efd()?,
         })
     }
 
     pub fn size(&self) -> u16 {
-        self.size
+        self.ring.size()
     }
     pub fn desc_addr(&self) -> u64 {
-        self.desc
+        self.ring.layout().desc
     }
     pub fn avail_addr(&self) -> u64 {
-        self.avail
+        self.ring.layout().avail
     }
     pub fn used_addr(&self) -> u64 {
-        self.used
+        self.ring.layout().used
     }
     pub fn num_free(&self) -> usize {
-        self.free.len()
-    }
-    pub fn event_idx(&self) -> bool {
-        self.event_idx
+        self.ring.num_free()
     }
     /// The next avail index the driver will publish.
     pub fn avail_idx(&self) -> u16 {
-        self.avail_idx
+        self.ring.avail_idx()
     }
     /// The used index up to which the driver has consumed entries.
     pub fn last_used(&self) -> u16 {
-        self.last_used
+        self.ring.last_used()
     }
     pub fn kick_fd(&self) -> &EventFd {
         &self.kick
@@ -321,119 +307,56 @@ impl Virtqueue {
         &self.call
     }
     pub fn mem(&self) -> &Arc<GuestMemory> {
-        &self.mem
+        self.ring.mem()
     }
 
     /// Reads descriptor `i` of the table.
     pub fn read_desc(&self, i: u16) -> Desc {
-        let b = self.mem.read_vec(self.desc + 16 * u64::from(i), 16);
-        let le16 = |o: usize| u16::from_le_bytes([b[o], b[o + 1]]);
-        Desc {
-            addr: u64::from_le_bytes(b[..8].try_into().unwrap()),
-            len: u32::from_le_bytes(b[8..12].try_into().unwrap()),
-            flags: le16(12),
-            next: le16(14),
-        }
-    }
-
-    fn write_desc(&self, at: u64, d: &Desc) {
-        self.mem.write_u64(at, d.addr);
-        self.mem.write_u32(at + 8, d.len);
-        self.mem.write_u16(at + 12, d.flags);
-        self.mem.write_u16(at + 14, d.next);
-    }
-
-    fn chain_descs(bufs: &[(u64, u32, bool)]) -> Vec<Desc> {
-        let last = bufs.len().saturating_sub(1);
-        let desc = |(i, &(addr, len, writable)): (usize, &(u64, u32, bool))| Desc {
-            addr,
-            len,
-            flags: if writable { VIRTQ_DESC_F_WRITE } else { 0 }
-                | if i < last { VIRTQ_DESC_F_NEXT } else { 0 },
-            next: if i < last { i as u16 + 1 } else { 0 },
-        };
-        bufs.iter().enumerate().map(desc).collect()
+        self.ring.read_desc(i)
     }
 
     /// Adds a chain of `(guest address, length, device-writable)` buffers and publishes it.
     /// Panics if fewer descriptors are free than buffers given.
     pub fn add(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        self.add_raw_descs(&Self::chain_descs(bufs))
+        self.ring.add(bufs)
     }
 
     /// Adds the buffers through one VIRTQ_DESC_F_INDIRECT descriptor and publishes it.
     pub fn add_indirect(&mut self, bufs: &[(u64, u32, bool)]) -> u16 {
-        assert!(!bufs.is_empty(), "empty indirect chain");
-        let head = self.free.pop().expect("virtqueue full");
+        // The head the ring will use is the next free slot; its table is kept per head.
+        let head = self.ring.next_free().expect("virtqueue full");
         let (mut table, cap) = self.indirect[usize::from(head)];
         if cap < bufs.len() {
-            table = self.mem.alloc(16 * bufs.len(), 16);
+            table = self.mem().alloc(16 * bufs.len(), 16);
             self.indirect[usize::from(head)] = (table, bufs.len());
         }
-        for (i, d) in Self::chain_descs(bufs).iter().enumerate() {
-            self.write_desc(table + 16 * i as u64, d);
-        }
-        let len = 16 * bufs.len() as u32;
-        let d = Desc {
-            addr: table,
-            len,
-            flags: VIRTQ_DESC_F_INDIRECT,
-            next: 0,
-        };
-        self.write_desc(self.desc + 16 * u64::from(head), &d);
-        self.chains[usize::from(head)] = vec![head];
-        self.publish(head);
-        head
+        let got = self.ring.add_indirect(table, bufs);
+        assert_eq!(got, head);
+        got
     }
 
     /// Writes `descs` into free table slots exactly as given, except `next`: a value below
     /// `descs.len()` names a position in `descs` and is translated to that descriptor's slot;
     /// larger values are written verbatim. Publishes the first one as head and returns it.
     pub fn add_raw_descs(&mut self, descs: &[Desc]) -> u16 {
-        assert!(!descs.is_empty(), "empty chain");
-        assert!(descs.len() <= self.free.len(), "virtqueue full");
-        let slots: Vec<u16> = (0..descs.len()).map(|_| self.free.pop().unwrap()).collect();
-        for (d, &slot) in descs.iter().zip(&slots) {
-            let next = slots.get(usize::from(d.next)).copied().unwrap_or(d.next);
-            self.write_desc(self.desc + 16 * u64::from(slot), &Desc { next, ..*d });
-        }
-        let head = slots[0];
-        self.chains[usize::from(head)] = slots;
-        self.publish(head);
-        head
+        self.ring.add_raw(descs)
     }
 
     /// Puts `head` (any value, for negative tests too) into the avail ring and publishes it.
     pub fn publish(&mut self, head: u16) {
-        let slot = self.avail + 4 + 2 * u64::from(self.avail_idx % self.size);
-        self.mem.write_u16(slot, head);
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        // The ring entry and the descriptors must be visible before the new index.
-        fence(Ordering::Release);
-        self.mem
-            .atomic_u16(self.avail + 2)
-            .store(self.avail_idx, Ordering::Release);
+        self.ring.publish(head)
     }
 
     /// Signals the kick eventfd.
     pub fn kick(&mut self) {
-        self.kicked_idx = self.avail_idx;
+        self.ring.kicked();
         self.kick.write(1).expect("write kick eventfd");
     }
 
     /// Kicks only if the device asked for it (avail_event with EVENT_IDX, else the used ring's
     /// NO_NOTIFY flag). Returns whether it kicked.
     pub fn kick_if_needed(&mut self) -> bool {
-        fence(Ordering::SeqCst);
-        let (old, new) = (self.kicked_idx, self.avail_idx);
-        self.kicked_idx = new;
-        let needed = if self.event_idx {
-            let at = self.used + 4 + 8 * u64::from(self.size);
-            let event = self.mem.atomic_u16(at).load(Ordering::Acquire);
-            new.wrapping_sub(event).wrapping_sub(1) < new.wrapping_sub(old)
-        } else {
-            self.mem.atomic_u16(self.used).load(Ordering::Acquire) & VRING_USED_F_NO_NOTIFY == 0
-        };
+        let needed = self.ring.kick_needed();
         if needed {
             self.kick();
         }
@@ -444,23 +367,7 @@ impl Virtqueue {
     /// writes used_event so the device notifies on the next entry. Panics on an id outside the
     /// ring; an id that is not in flight (a raw `publish`) is returned as is.
     pub fn poll_used(&mut self) -> Option<(u16, u32)> {
-        let used_idx = self.mem.atomic_u16(self.used + 2).load(Ordering::Acquire);
-        if used_idx == self.last_used {
-            return None;
-        }
-        let e = self.used + 4 + 8 * u64::from(self.last_used % self.size);
-        let (id, len) = (self.mem.read_u32(e), self.mem.read_u32(e + 4));
-        self.last_used = self.last_used.wrapping_add(1);
-        if self.event_idx {
-            let at = self.avail + 4 + 2 * u64::from(self.size);
-            self.mem
-                .atomic_u16(at)
-                .store(self.last_used, Ordering::Release);
-        }
-        assert!(id < u32::from(self.size), "device returned used id {id}");
-        let chain = std::mem::take(&mut self.chains[id as usize]);
-        self.free.extend(chain.into_iter().rev());
-        Some((id as u16, len))
+        self.ring.poll_used()
     }
 
     /// Waits up to `timeout` for a used entry: checks the ring, then polls the call eventfd
@@ -692,7 +599,7 @@ impl VhostUserDevice {
             )?;
         }
         for i in 0..self.queues.len() {
-            let base = self.mem.read_u16(self.queues[i].used + 2);
+            let base = self.mem.read_u16(self.queues[i].used_addr() + 2);
             self.start_queue(i, base)?;
             if self.opts.enable_queues && self.protocol_features != 0 {
                 self.set_vring_enable(i, true)?;
@@ -745,15 +652,15 @@ impl VhostUserDevice {
     pub fn start_queue(&mut self, i: usize, base: u16) -> io::Result<()> {
         let q = &self.queues[i];
         let cfg = VringConfigData {
-            queue_max_size: q.size,
-            queue_size: q.size,
+            queue_max_size: q.size(),
+            queue_size: q.size(),
             flags: 0,
-            desc_table_addr: self.mem.host_addr(q.desc),
-            used_ring_addr: self.mem.host_addr(q.used),
-            avail_ring_addr: self.mem.host_addr(q.avail),
+            desc_table_addr: self.mem.host_addr(q.desc_addr()),
+            used_ring_addr: self.mem.host_addr(q.used_addr()),
+            avail_ring_addr: self.mem.host_addr(q.avail_addr()),
             log_addr: None,
         };
-        vu("SET_VRING_NUM", self.fe.set_vring_num(i, q.size))?;
+        vu("SET_VRING_NUM", self.fe.set_vring_num(i, q.size()))?;
         vu("SET_VRING_ADDR", self.fe.set_vring_addr(i, &cfg))?;
         vu("SET_VRING_BASE", self.fe.set_vring_base(i, base))?;
         vu("SET_VRING_CALL", self.fe.set_vring_call(i, &q.call))?;
@@ -981,7 +888,8 @@ mod tests {
         assert!(!q.kick_if_needed());
         // Without EVENT_IDX: the used ring's NO_NOTIFY flag.
         let mut q = queue(8, false);
-        q.mem().write_u16(q.used_addr(), VRING_USED_F_NO_NOTIFY);
+        q.mem()
+            .write_u16(q.used_addr(), vhostbox_common::test_utils::USED_F_NO_NOTIFY);
         q.add(&[(0x8000, 1, true)]);
         assert!(!q.kick_if_needed());
         q.mem().write_u16(q.used_addr(), 0);

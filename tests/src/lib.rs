@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
-/// Path of a workspace binary built next to the running test (target/<profile>/NAME).
+/// Path of a workspace binary built next to the running test (`target/<profile>/NAME`).
 /// `VHOSTBOX_BIN_DIR` overrides the directory.
 pub fn bin_path(name: &str) -> PathBuf {
     if let Ok(dir) = std::env::var("VHOSTBOX_BIN_DIR") {

@@ -19,6 +19,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::{Blkio, Blkioq, Completion, ReqFlags};
+use vhostbox_bench::{median, tree_cpu};
 
 #[derive(Clone, Copy, PartialEq)]
 enum Dev {
@@ -109,24 +110,37 @@ const IMAGE_SIZE: u64 = 1 << 30;
 
 #[derive(Clone)]
 struct Contender {
-    name: &'static str,
-    vhostbox: bool,
+    name: String,
+    /// The vhostbox-blk binary to run; None for qemu-storage-daemon.
+    vhostbox: Option<PathBuf>,
+    sync: bool,
 }
 
-const CONTENDERS: &[Contender] = &[
-    Contender {
-        name: "vhostbox io-uring",
-        vhostbox: true,
-    },
-    Contender {
-        name: "vhostbox sync",
-        vhostbox: true,
-    },
-    Contender {
-        name: "qemu-storage-daemon",
-        vhostbox: false,
-    },
-];
+/// vhostbox-blk with each engine, then qemu-storage-daemon; with VHOSTBOX_BENCH_BASELINE set to
+/// another vhostbox-blk binary (an earlier build), that one too, with each engine, so a change
+/// is measured against what it replaces in the same run.
+fn contenders() -> Vec<Contender> {
+    let ours = bin_dir().join("vhostbox-blk");
+    let vb = |name: &str, exe: &Path, sync| Contender {
+        name: name.into(),
+        vhostbox: Some(exe.to_owned()),
+        sync,
+    };
+    let mut v = vec![
+        vb("vhostbox io-uring", &ours, false),
+        vb("vhostbox sync", &ours, true),
+        Contender {
+            name: "qemu-storage-daemon".into(),
+            vhostbox: None,
+            sync: false,
+        },
+    ];
+    if let Ok(base) = std::env::var("VHOSTBOX_BENCH_BASELINE") {
+        v.push(vb("baseline io-uring", Path::new(&base), false));
+        v.push(vb("baseline sync", Path::new(&base), true));
+    }
+    v
+}
 
 struct Sample {
     iops: f64,
@@ -152,19 +166,12 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
     let _ = fs::remove_file(sock);
     let q = queues.to_string();
     let mut cmd;
-    if c.vhostbox {
-        cmd = Command::new(bin_dir().join("vhostbox-blk"));
+    if let Some(exe) = &c.vhostbox {
+        cmd = Command::new(exe);
         cmd.arg("--socket-path")
             .arg(sock)
             .args(["--num-queues", &q]);
-        cmd.args([
-            "--engine",
-            if c.name.ends_with("sync") {
-                "sync"
-            } else {
-                "io-uring"
-            },
-        ]);
+        cmd.args(["--engine", if c.sync { "sync" } else { "io-uring" }]);
         match dev {
             Dev::Null => cmd.args(["--null", "1G"]),
             Dev::File => cmd.arg("--image").arg(img),
@@ -207,33 +214,6 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
         std::thread::sleep(Duration::from_millis(10));
     }
     Ok(child)
-}
-
-/// utime + stime (seconds) of `pid` and all its descendants.
-fn tree_cpu(pid: u32) -> f64 {
-    let tick = 100.0; // USER_HZ on Linux
-    let mut total = 0.0;
-    let mut stack = vec![pid];
-    while let Some(p) = stack.pop() {
-        if let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) {
-            if let Some(rest) = stat.rsplit_once(") ").map(|x| x.1) {
-                let f: Vec<&str> = rest.split_whitespace().collect();
-                let ut: f64 = f.get(11).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                let st: f64 = f.get(12).and_then(|v| v.parse().ok()).unwrap_or(0.0);
-                total += (ut + st) / tick;
-            }
-        }
-        if let Ok(tasks) = fs::read_dir(format!("/proc/{p}/task")) {
-            for t in tasks.flatten() {
-                let kids = fs::read_to_string(t.path().join("children")).unwrap_or_default();
-                stack.extend(
-                    kids.split_whitespace()
-                        .filter_map(|k| k.parse::<u32>().ok()),
-                );
-            }
-        }
-    }
-    total
 }
 
 /// One queue's share of a run: (I/Os, latencies in ns).
@@ -387,15 +367,6 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
     result
 }
 
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    if v.is_empty() {
-        f64::NAN
-    } else {
-        v[v.len() / 2]
-    }
-}
-
 fn main() {
     let mut rounds = 3;
     let mut secs = 3.0;
@@ -433,6 +404,7 @@ fn main() {
     let mut failed: BTreeMap<usize, String> = BTreeMap::new();
     let mut csv = String::from("round,device,workload,contender,iops,mibs,lat_mean_us,lat_p50_us,lat_p99_us,cpu_us_per_io\n");
     let devs = [(Dev::Null, "null"), (Dev::File, "file")];
+    let contenders = contenders();
     for round in 0..rounds {
         for (di, (dev, dname)) in devs.iter().enumerate() {
             for (wi, w) in WORKLOADS.iter().enumerate() {
@@ -440,7 +412,7 @@ fn main() {
                 if !label.contains(&only) {
                     continue;
                 }
-                for (ci, c) in CONTENDERS.iter().enumerate() {
+                for (ci, c) in contenders.iter().enumerate() {
                     if failed.contains_key(&ci) {
                         continue;
                     }
@@ -478,9 +450,12 @@ fn main() {
         }
     }
     // Report: medians and ratios against qemu-storage-daemon.
-    let peer = CONTENDERS.iter().position(|c| !c.vhostbox).unwrap();
+    let peer = contenders
+        .iter()
+        .position(|c| c.vhostbox.is_none())
+        .unwrap();
     let mut md = String::new();
-    let _ = writeln!(md, "Medians of {rounds} alternating rounds of {secs} s each (after 0.5 s warm-up); ratios against {}.\n", CONTENDERS[peer].name);
+    let _ = writeln!(md, "Medians of {rounds} alternating rounds of {secs} s each (after 0.5 s warm-up); ratios against {}.\n", contenders[peer].name);
     let _ = writeln!(md, "| device | workload | contender | IOPS | MiB/s | mean us | p50 us | p99 us | CPU us/IO | IOPS ratio | p50 ratio | CPU/IO ratio |");
     let _ = writeln!(
         md,
@@ -488,9 +463,7 @@ fn main() {
     );
     let mut bars: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
     for (&(di, wi), per) in &mut all {
-        let med = |v: &mut Vec<Sample>, f: fn(&Sample) -> f64| {
-            median(&mut v.iter().map(f).collect::<Vec<_>>())
-        };
+        let med = |v: &mut Vec<Sample>, f: fn(&Sample) -> f64| median(v.iter().map(f).collect());
         let mut meds: BTreeMap<usize, [f64; 6]> = BTreeMap::new();
         for (&ci, v) in per.iter_mut() {
             meds.insert(
@@ -515,7 +488,7 @@ fn main() {
                 "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} | {} |",
                 devs[di].1,
                 WORKLOADS[wi].name,
-                CONTENDERS[ci].name,
+                contenders[ci].name,
                 m[0],
                 m[1],
                 m[2],
@@ -531,20 +504,20 @@ fn main() {
         bars.push((label, bar));
     }
     for (ci, e) in &failed {
-        let _ = writeln!(md, "\n{} did not run: {e}", CONTENDERS[*ci].name);
+        let _ = writeln!(md, "\n{} did not run: {e}", contenders[*ci].name);
     }
     fs::write(out.join("results.md"), &md).unwrap();
     fs::write(out.join("results.csv"), &csv).unwrap();
-    fs::write(out.join("iops.svg"), svg(&bars)).unwrap();
+    fs::write(out.join("iops.svg"), svg(&bars, &contenders)).unwrap();
     println!("{md}");
     eprintln!("wrote {}/results.md, results.csv, iops.svg", out.display());
 }
 
 /// A horizontal bar chart of median IOPS, normalised per workload to its fastest contender.
-fn svg(bars: &[(String, Vec<(usize, f64)>)]) -> String {
-    let colors = ["#2b6cb0", "#63b3ed", "#c05621"];
+fn svg(bars: &[(String, Vec<(usize, f64)>)], contenders: &[Contender]) -> String {
+    let colors = ["#2b6cb0", "#63b3ed", "#c05621", "#718096", "#a0aec0"];
     let row = 16.0;
-    let group = row * CONTENDERS.len() as f64 + 14.0;
+    let group = row * contenders.len() as f64 + 14.0;
     let h = 40.0 + group * bars.len() as f64 + 30.0;
     let (x0, width) = (230.0, 520.0);
     let mut s = format!("<svg xmlns=\"http://www.w3.org/2000/svg\" width=\"800\" height=\"{h}\" font-family=\"sans-serif\" font-size=\"11\">\n<text x=\"10\" y=\"20\" font-size=\"14\">Median IOPS per workload (bar length relative to the fastest; figure = IOPS)</text>\n");
@@ -555,12 +528,12 @@ fn svg(bars: &[(String, Vec<(usize, f64)>)]) -> String {
         for (k, (ci, iops)) in v.iter().enumerate() {
             let y = top + k as f64 * row;
             let w = width * iops / max;
-            let _ = writeln!(s, "<rect x=\"{x0}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{iops:.0}</text>", row - 3.0, colors[*ci % 3], x0 + w + 4.0, y + row - 5.0);
+            let _ = writeln!(s, "<rect x=\"{x0}\" y=\"{y}\" width=\"{w:.1}\" height=\"{}\" fill=\"{}\"/><text x=\"{:.1}\" y=\"{}\">{iops:.0}</text>", row - 3.0, colors[*ci % colors.len()], x0 + w + 4.0, y + row - 5.0);
         }
     }
-    for (ci, c) in CONTENDERS.iter().enumerate() {
-        let x = 10.0 + ci as f64 * 200.0;
-        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", h - 22.0, colors[ci % 3], x + 16.0, h - 12.0, c.name);
+    for (ci, c) in contenders.iter().enumerate() {
+        let x = 10.0 + ci as f64 * 155.0;
+        let _ = writeln!(s, "<rect x=\"{x}\" y=\"{}\" width=\"12\" height=\"12\" fill=\"{}\"/><text x=\"{}\" y=\"{}\">{}</text>", h - 22.0, colors[ci % colors.len()], x + 16.0, h - 12.0, c.name);
     }
     s.push_str("</svg>\n");
     s

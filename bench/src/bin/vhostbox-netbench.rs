@@ -33,6 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use vhostbox_bench::{cpu_secs, median};
 use vhostbox_tests::frontend::{
     DeviceOptions, VhostUserDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
@@ -97,16 +98,6 @@ impl Who {
 struct Sample {
     pps: f64,
     cpu_us_per_pkt: f64,
-}
-
-/// CPU time (user + system) of a process, all threads, in seconds.
-fn cpu_secs(pid: i32) -> f64 {
-    let s = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let rest = s.rsplit(')').next().unwrap_or("");
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks = |i: usize| f.get(i).and_then(|v| v.parse::<f64>().ok()).unwrap_or(0.0);
-    // Fields after the command: state is [0]; utime is field 14 of the line, [11] here.
-    (ticks(11) + ticks(12)) / 100.0
 }
 
 /// An Ethernet frame of `len` bytes to a locally administered unicast address nobody owns.
@@ -273,8 +264,8 @@ fn run_vhostbox(w: &Workload, secs: f64, dir: &Path) -> Result<Sample, String> {
 /// meanwhile into a sample.
 fn measure(dev: &mut VhostUserDevice, w: &Workload, secs: f64, pid: i32) -> Result<Sample, String> {
     let mut cpu0 = 0.0;
-    let (n, t) = drive(dev, w, 0.5, secs, || cpu0 = cpu_secs(pid));
-    let cpu = cpu_secs(pid) - cpu0;
+    let (n, t) = drive(dev, w, 0.5, secs, || cpu0 = cpu_secs(pid as u32));
+    let cpu = cpu_secs(pid as u32) - cpu0;
     if n == 0 {
         return Err("no packets".into());
     }
@@ -374,11 +365,6 @@ fn run_testpmd(exe: &Path, w: &Workload, secs: f64, dir: &Path) -> Result<Sample
     drop(dev);
     drop(pmd);
     sample
-}
-
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
 }
 
 fn main() {
