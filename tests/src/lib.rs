@@ -31,6 +31,46 @@ pub fn bin_path(name: &str) -> PathBuf {
     p
 }
 
+/// The fields of /proc/PID/status (PID may be `PID/task/TID`).
+pub fn proc_status(pid: &str) -> std::collections::HashMap<String, String> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
+        .collect()
+}
+
+/// Asserts that every thread of process `pid` runs under a seccomp filter with no_new_privs,
+/// no capability in any set and no uid or gid 0, in namespaces of its own, in an empty root.
+pub fn assert_jailed(pid: i32) {
+    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let t = t.unwrap().file_name().into_string().unwrap();
+        let st = proc_status(&t);
+        assert_eq!(st["Seccomp"], "2", "thread {t}: {st:?}");
+        assert_eq!(st["NoNewPrivs"], "1", "thread {t}");
+        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
+            assert_eq!(st[cap], "0000000000000000", "thread {t}: {cap}");
+        }
+        for ids in ["Uid", "Gid"] {
+            assert!(
+                st[ids].split_whitespace().all(|i| i != "0"),
+                "thread {t}: {ids} {}",
+                st[ids]
+            );
+        }
+    }
+    for ns in ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"] {
+        let w = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
+        let h = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
+        assert_ne!(w, h, "worker {pid} shares the test's {ns} namespace");
+    }
+    let root = std::fs::read_dir(format!("/proc/{pid}/root"))
+        .unwrap()
+        .count();
+    assert_eq!(root, 0, "worker {pid} sees files in its root");
+}
+
 /// Creates a sparse file of `bytes` at `path` (a fresh disk image) and returns its path.
 pub fn sparse_image(path: &Path, bytes: u64) -> PathBuf {
     std::fs::File::create(path)

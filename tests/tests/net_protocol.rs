@@ -13,7 +13,7 @@ use vhostbox_tests::frontend::{
 };
 use vhostbox_tests::net_frontend::*;
 use vhostbox_tests::netns::*;
-use vhostbox_tests::{run_to_exit, Backend};
+use vhostbox_tests::{assert_jailed, run_to_exit, Backend};
 
 const NET: &str = "vhostbox-net";
 const TAP: &str = "vbx0";
@@ -695,15 +695,6 @@ fn bad_taps_and_flags_exit_2_with_one_clear_line() {
     drop((tun, novnet));
 }
 
-fn proc_status(pid: &str) -> std::collections::HashMap<String, String> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.to_string(), v.trim().to_string()))
-        .collect()
-}
-
 #[test]
 fn the_serving_worker_is_jailed_and_holds_only_its_tap() {
     let r = rig(2, &[]);
@@ -713,35 +704,8 @@ fn the_serving_worker_is_jailed_and_holds_only_its_tap() {
     fe.send(1, &NetHdr::default(), &f).unwrap();
     assert_eq!(host.recv_matching(T, |g| g == &f[..]).unwrap(), f);
     let pid = r.backend.worker_pid();
-    // Every thread: seccomp filter, no_new_privs, no capabilities, no uid or gid 0.
-    for t in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let t = t.unwrap().file_name().into_string().unwrap();
-        let st = proc_status(&t);
-        assert_eq!(st["Seccomp"], "2", "thread {t}: {st:?}");
-        assert_eq!(st["NoNewPrivs"], "1", "thread {t}");
-        for cap in ["CapInh", "CapPrm", "CapEff", "CapBnd", "CapAmb"] {
-            assert_eq!(st[cap], "0000000000000000", "thread {t}: {cap}");
-        }
-        for ids in ["Uid", "Gid"] {
-            assert!(
-                st[ids].split_whitespace().all(|i| i != "0"),
-                "thread {t}: {ids} {}",
-                st[ids]
-            );
-        }
-    }
-    // Its own namespaces (also its own empty network namespace), an empty root.
-    for ns in ["user", "mnt", "pid", "net", "ipc", "uts", "cgroup"] {
-        let w = std::fs::read_link(format!("/proc/{pid}/ns/{ns}")).unwrap();
-        let h = std::fs::read_link(format!("/proc/self/ns/{ns}")).unwrap();
-        assert_ne!(w, h, "worker shares the test's {ns} namespace");
-    }
-    assert_eq!(
-        std::fs::read_dir(format!("/proc/{pid}/root"))
-            .unwrap()
-            .count(),
-        0
-    );
+    // Every thread filtered and without privilege; own namespaces; an empty root.
+    assert_jailed(pid);
     // Open: the two tap queues, sockets, eventfds and epoll, guest memory, the log, /dev/null.
     let mut taps = 0;
     for e in std::fs::read_dir(format!("/proc/{pid}/fd")).unwrap() {
