@@ -104,3 +104,17 @@ pub fn check_count(flag: &'static str, value: u16, max: u16) -> Result<u16, Coun
         Err(CountError { flag, value, max })
     }
 }
+
+/// Test support: parses `argv` (without the program name) into a backend's args and
+/// validates them into `C`, every error as text.
+#[cfg(any(test, feature = "test-utils"))]
+pub fn parse_argv<A, C>(name: &str, argv: &[&str]) -> Result<C, String>
+where
+    A: clap::Parser,
+    C: TryFrom<A>,
+    C::Error: std::fmt::Display,
+{
+    let args = A::try_parse_from(std::iter::once(name).chain(argv.iter().copied()))
+        .map_err(|e| e.to_string())?;
+    C::try_from(args).map_err(|e| e.to_string())
+}

@@ -226,15 +226,3 @@ where
     }
     Ok(())
 }
-
-/// The bytes GET_CONFIG asks for; empty (and a warning) when the range lies outside `space`.
-pub fn config_slice(space: &[u8], offset: u32, size: u32) -> Vec<u8> {
-    let start = offset as usize;
-    match start.checked_add(size as usize) {
-        Some(end) if end <= space.len() => space[start..end].to_vec(),
-        _ => {
-            log::warn!("GET_CONFIG beyond the config space: offset {offset} size {size}");
-            Vec::new()
-        }
-    }
-}

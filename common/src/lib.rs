@@ -4,6 +4,7 @@
 //!
 //! A backend crate provides only its device: see [`launch::Device`].
 
+pub mod backend;
 pub mod cli;
 pub mod connection;
 pub mod inflight;

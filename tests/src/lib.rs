@@ -333,3 +333,58 @@ pub fn result_value<'a>(results: &'a str, key: &str) -> Option<&'a str> {
         .filter_map(|l| l.trim_end_matches('\r').strip_prefix("RESULT "))
         .find_map(|l| l.strip_prefix(key)?.strip_prefix(' ').map(str::trim))
 }
+
+/// A guest booted by scripts/run-guest.sh from `guest` with a test overlay: `files` are
+/// (host path, path in the guest), the first one usually `/test.sh`. Files of the run go to
+/// `dir`. Add the devices and options to `cmd`, then run it.
+pub struct GuestRun {
+    pub cmd: Command,
+    pub results: PathBuf,
+    pub console: PathBuf,
+}
+
+impl GuestRun {
+    pub fn new(guest: &Path, dir: &Path, files: &[(&Path, &str)]) -> GuestRun {
+        let overlay = dir.join("overlay.cpio.gz");
+        let st = Command::new(repo().join("scripts/mk-overlay.sh"))
+            .arg(&overlay)
+            .args(files.iter().map(|(p, at)| format!("{}:{at}", p.display())))
+            .status()
+            .unwrap();
+        assert!(st.success(), "mk-overlay.sh failed");
+        let results = dir.join("results.txt");
+        let console = dir.join("console.txt");
+        let mut cmd = Command::new(repo().join("scripts/run-guest.sh"));
+        cmd.arg("--guest-dir")
+            .arg(guest)
+            .arg("--overlay")
+            .arg(&overlay)
+            .arg("--result")
+            .arg(&results)
+            .arg("--console")
+            .arg(&console);
+        GuestRun {
+            cmd,
+            results,
+            console,
+        }
+    }
+
+    /// What the guest reported on its result channel, and a context for failure messages:
+    /// the exit status, QEMU's stderr, the results, the console's tail and `logs`.
+    pub fn report(&self, out: &std::process::Output, logs: &[(&str, String)]) -> (String, String) {
+        let res = std::fs::read_to_string(&self.results).unwrap_or_default();
+        let con = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let tail: Vec<&str> = con.lines().rev().take(60).collect();
+        let mut ctx = format!(
+            "run-guest: {:?}\n{}\n--- results\n{res}\n--- console (tail)\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        );
+        for (name, log) in logs {
+            ctx.push_str(&format!("\n--- {name}\n{log}"));
+        }
+        (res, ctx)
+    }
+}

@@ -13,7 +13,7 @@ use std::fs;
 use std::path::Path;
 use std::process::Command;
 
-use vhostbox_tests::{guest_dir, pattern, repo, result_value, sparse_image, Backend};
+use vhostbox_tests::{guest_dir, pattern, repo, result_value, sparse_image, Backend, GuestRun};
 
 const DISK_MB: u64 = 64;
 const RO_MB: u64 = 8;
@@ -80,26 +80,17 @@ fn vm_disk_test(engine: &str) {
          BLK_DEV=/dev/vdb BLK_TESTS='ro read' /bin/sh /blk-test.sh\n",
     )
     .unwrap();
-    let overlay = d.join("overlay.cpio.gz");
     let blk_test = repo().join("scripts/guest/blk-test.sh");
-    let st = Command::new(repo().join("scripts/mk-overlay.sh"))
-        .arg(&overlay)
-        .arg(format!("{}:/test.sh", script.display()))
-        .arg(format!("{}:/blk-test.sh", blk_test.display()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "mk-overlay.sh failed");
-
-    let results = d.join("results.txt");
-    let console = d.join("console.txt");
-    let out = Command::new(repo().join("scripts/run-guest.sh"))
-        .args(["--guest-dir", guest.to_str().unwrap()])
-        .args(["--overlay", overlay.to_str().unwrap()])
+    let mut run = GuestRun::new(
+        &guest,
+        d,
+        &[(&script, "/test.sh"), (&blk_test, "/blk-test.sh")],
+    );
+    let out = run
+        .cmd
         .args(["--blk", sock.to_str().unwrap()])
         .args(["--blk", ro_sock.to_str().unwrap()])
         .args(["--blk-queues", "2", "--cpus", "2", "--timeout", "400"])
-        .args(["--result", results.to_str().unwrap()])
-        .args(["--console", console.to_str().unwrap()])
         .args([
             "--append",
             &format!(
@@ -109,23 +100,7 @@ fn vm_disk_test(engine: &str) {
         ])
         .output()
         .unwrap();
-    let res = fs::read_to_string(&results).unwrap_or_default();
-    let con = fs::read_to_string(&console).unwrap_or_default();
-    let ctx = format!(
-        "run-guest: {:?}\n{}\n--- results\n{res}\n--- console (tail)\n{}\n--- rw backend\n{}\n--- ro backend\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        con.lines()
-            .rev()
-            .take(60)
-            .collect::<Vec<_>>()
-            .into_iter()
-            .rev()
-            .collect::<Vec<_>>()
-            .join("\n"),
-        rw.log(),
-        rob.log()
-    );
+    let (res, ctx) = run.report(&out, &[("rw backend", rw.log()), ("ro backend", rob.log())]);
     assert!(out.status.success(), "QEMU failed\n{ctx}");
     assert_eq!(
         res.matches("RESULT done").count(),

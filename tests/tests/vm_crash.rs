@@ -25,7 +25,9 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use vhostbox_tests::netns::NetNs;
-use vhostbox_tests::{blk_args, guest_dir, repo, result_value, sparse_image, Backend, SmallFs};
+use vhostbox_tests::{
+    blk_args, guest_dir, repo, result_value, sparse_image, Backend, GuestRun, SmallFs,
+};
 
 const RECONNECT_MS: &str = "200";
 const KILLS: usize = 20;
@@ -47,25 +49,17 @@ impl Vm {
     fn start(guest: &Path, d: &Path, script: &str, args: &[&str]) -> Vm {
         let path = d.join("test.sh");
         fs::write(&path, script).unwrap();
-        let overlay = d.join("overlay.cpio.gz");
-        let st = Command::new(repo().join("scripts/mk-overlay.sh"))
-            .arg(&overlay)
-            .arg(format!("{}:/test.sh", path.display()))
-            .status()
-            .unwrap();
-        assert!(st.success(), "mk-overlay.sh failed");
-        let results = d.join("results.txt");
-        let console = d.join("console.txt");
+        let GuestRun {
+            mut cmd,
+            results,
+            console,
+        } = GuestRun::new(guest, d, &[(&path, "/test.sh")]);
         let stderr = d.join("qemu.err");
-        let child = Command::new(repo().join("scripts/run-guest.sh"))
-            .args(["--guest-dir", guest.to_str().unwrap()])
-            .args(["--overlay", overlay.to_str().unwrap()])
+        let child = cmd
             .args(["--reconnect-ms", RECONNECT_MS, "--cpus", "2"])
             // No timeout wrapper: it would put QEMU in a process group of its own, out of
             // reach of Drop. The test's own waits are bounded.
             .args(["--timeout", "0"])
-            .args(["--result", results.to_str().unwrap()])
-            .args(["--console", console.to_str().unwrap()])
             .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::null())

@@ -19,7 +19,7 @@ use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use vhostbox_tests::netns::NetNs;
-use vhostbox_tests::{guest_dir, pattern, repo, result_value, Backend};
+use vhostbox_tests::{guest_dir, pattern, result_value, Backend, GuestRun};
 
 const NET: &str = "vhostbox-net";
 const TAP: &str = "vmtap0";
@@ -159,36 +159,15 @@ fn vm_guest_ping_and_tcp_both_ways_over_vhostbox_net() {
         ),
     )
     .unwrap();
-    let overlay = d.join("overlay.cpio.gz");
-    let st = Command::new(repo().join("scripts/mk-overlay.sh"))
-        .arg(&overlay)
-        .arg(format!("{}:/test.sh", script.display()))
-        .status()
-        .unwrap();
-    assert!(st.success(), "mk-overlay.sh failed");
-
-    let results = d.join("results.txt");
-    let console = d.join("console.txt");
-    let out = Command::new(repo().join("scripts/run-guest.sh"))
-        .args(["--guest-dir", guest.to_str().unwrap()])
-        .args(["--overlay", overlay.to_str().unwrap()])
+    let mut run = GuestRun::new(&guest, d, &[(&script, "/test.sh")]);
+    let out = run
+        .cmd
         .args(["--net", sock.to_str().unwrap()])
         .args(["--net-queues", "2", "--net-mtu", MTU, "--cpus", "2"])
         .args(["--timeout", "400"])
-        .args(["--result", results.to_str().unwrap()])
-        .args(["--console", console.to_str().unwrap()])
         .output()
         .unwrap();
-    let res = fs::read_to_string(&results).unwrap_or_default();
-    let con = fs::read_to_string(&console).unwrap_or_default();
-    let tail: Vec<&str> = con.lines().rev().take(60).collect();
-    let ctx = format!(
-        "run-guest: {:?}\n{}\n--- results\n{res}\n--- console (tail)\n{}\n--- backend\n{}",
-        out.status,
-        String::from_utf8_lossy(&out.stderr),
-        tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        backend.log()
-    );
+    let (res, ctx) = run.report(&out, &[("backend", backend.log())]);
     assert!(out.status.success(), "QEMU failed\n{ctx}");
     assert!(res.contains("RESULT done"), "guest did not finish\n{ctx}");
     assert!(!res.contains(" fail"), "a guest step failed\n{ctx}");

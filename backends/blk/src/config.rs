@@ -112,13 +112,9 @@ impl TryFrom<Args> for (CommonConfig, Config) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::Parser;
 
     fn parse_both(argv: &[&str]) -> Result<(CommonConfig, Config), String> {
-        let mut v = vec!["vhostbox-blk"];
-        v.extend_from_slice(argv);
-        let a = Args::try_parse_from(v).map_err(|e| e.to_string())?;
-        <(CommonConfig, Config)>::try_from(a).map_err(|e| e.to_string())
+        vhostbox_common::cli::parse_argv::<Args, _>("vhostbox-blk", argv)
     }
 
     fn parse(argv: &[&str]) -> Result<Config, String> {

@@ -18,7 +18,7 @@ use vm_memory::{ByteValued, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use vhostbox_common::connection::config_slice;
+use vhostbox_common::backend::{config_slice, read_only_config, thread_masks};
 use vhostbox_common::launch::GuestMemHandle;
 
 use crate::queue::{BlkQueue, GuestMem, Shared, Vring, MAX_DISCARD_SEGMENTS};
@@ -236,13 +236,7 @@ impl VhostUserBackend for BlkBackend {
             }
             return Ok(());
         }
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "SET_CONFIG of read-only field: offset {offset} size {}",
-                buf.len()
-            ),
-        ))
+        Err(read_only_config(offset, buf))
     }
 
     fn update_memory(&self, _mem: GuestMemHandle) -> io::Result<()> {
@@ -251,7 +245,7 @@ impl VhostUserBackend for BlkBackend {
     }
 
     fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.cfg.num_queues).map(|i| 1u64 << i).collect()
+        thread_masks(self.cfg.num_queues, 1)
     }
 
     fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {

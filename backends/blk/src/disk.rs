@@ -110,6 +110,42 @@ fn fallocate(fd: RawFd, mode: libc::c_int, offset: u64, len: u64) -> io::Result<
     }
 }
 
+/// Host I/O hints in bytes: physical block size, minimum I/O, optimal I/O, alignment offset.
+type HostTopology = (u32, u32, u32, u32);
+
+/// A block device's size, logical block size and I/O hints, from its ioctls.
+fn block_device_geometry(fd: RawFd) -> io::Result<(u64, u32, HostTopology)> {
+    let mut size: u64 = 0;
+    // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
+    if unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let lbs = ioctl_u32(fd, BLKSSZGET).unwrap_or(512);
+    let pbs = ioctl_u32(fd, BLKPBSZGET).unwrap_or(lbs);
+    let iomin = ioctl_u32(fd, BLKIOMIN).unwrap_or(0);
+    let ioopt = ioctl_u32(fd, BLKIOOPT).unwrap_or(0);
+    let align = ioctl_u32(fd, BLKALIGNOFF).unwrap_or(0);
+    Ok((size, lbs, (pbs, iomin, ioopt, align)))
+}
+
+/// The file system block of an image file: the unit below which writes are
+/// read-modify-write, advertised as its physical block (4096 if it cannot be told).
+fn fs_block_size(fd: RawFd) -> u32 {
+    // SAFETY: statfs is a plain C struct of integers: all-zero bytes are a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: fstatfs fills the statfs struct we own.
+    let fsbs = if unsafe { libc::fstatfs(fd, &mut st) } == 0 {
+        st.f_bsize as u32
+    } else {
+        4096
+    };
+    if fsbs.is_power_of_two() && fsbs <= 65536 {
+        fsbs
+    } else {
+        4096
+    }
+}
+
 fn log2(v: u32) -> u8 {
     if v == 0 {
         0
@@ -142,33 +178,16 @@ impl Disk {
             .map_err(|e| DiskError::Size(path.to_owned(), e))?;
         let fd = file.as_raw_fd();
         let (kind, size, host_lbs, topo) = if meta.file_type().is_block_device() {
-            let mut size: u64 = 0;
-            // SAFETY: BLKGETSIZE64 writes one u64 to the pointer.
-            let r = unsafe { libc::ioctl(fd, BLKGETSIZE64, &mut size as *mut u64) };
-            if r < 0 {
-                return Err(DiskError::Size(path.to_owned(), io::Error::last_os_error()));
-            }
-            let lbs = ioctl_u32(fd, BLKSSZGET).unwrap_or(512);
-            let pbs = ioctl_u32(fd, BLKPBSZGET).unwrap_or(lbs);
-            let iomin = ioctl_u32(fd, BLKIOMIN).unwrap_or(0);
-            let ioopt = ioctl_u32(fd, BLKIOOPT).unwrap_or(0);
-            let align = ioctl_u32(fd, BLKALIGNOFF).unwrap_or(0);
-            (DiskKind::BlockDevice, size, lbs, (pbs, iomin, ioopt, align))
+            let (size, lbs, topo) =
+                block_device_geometry(fd).map_err(|e| DiskError::Size(path.to_owned(), e))?;
+            (DiskKind::BlockDevice, size, lbs, topo)
         } else if meta.file_type().is_file() {
-            // The filesystem block is the unit below which writes are read-modify-write.
-            let mut st: libc::statfs = unsafe_zeroed_statfs();
-            // SAFETY: fstatfs fills the statfs struct we own.
-            let fsbs = if unsafe { libc::fstatfs(fd, &mut st) } == 0 {
-                st.f_bsize as u32
-            } else {
-                4096
-            };
-            let fsbs = if fsbs.is_power_of_two() && fsbs <= 65536 {
-                fsbs
-            } else {
-                4096
-            };
-            (DiskKind::File, meta.len(), 512, (fsbs, 0, 0, 0))
+            (
+                DiskKind::File,
+                meta.len(),
+                512,
+                (fs_block_size(fd), 0, 0, 0),
+            )
         } else {
             return Err(DiskError::NotAFileOrDevice(path.to_owned()));
         };
@@ -329,11 +348,6 @@ impl Disk {
         unsafe { std::alloc::dealloc(buf, layout) };
         result
     }
-}
-
-fn unsafe_zeroed_statfs() -> libc::statfs {
-    // SAFETY: statfs is a plain C struct for which all-zero bytes are a valid value.
-    unsafe { std::mem::zeroed() }
 }
 
 #[cfg(test)]

@@ -266,131 +266,41 @@ where
     // Split point: readable descriptors, then writable ones.
     let first_w = descs.iter().position(|d| d.write).unwrap_or(descs.len());
     let (readable, writable) = descs.split_at(first_w);
-
-    // Status: the last byte of the last descriptor, which must be device-writable (the
-    // device must not write into a device-readable buffer: virtio 1.2, 2.7.5.1).
-    let status = match writable
-        .iter()
-        .rev()
-        .find(|d| d.len > 0)
-        .filter(|d| d.write)
-    {
-        Some(d) => {
-            let a = d.addr.checked_add(u64::from(d.len) - 1);
-            match a {
-                Some(a) if range_ok(mem, a, 1) => GuestAddress(a),
-                _ => return Err((RequestError::NoStatus, None)),
-            }
-        }
-        None => return Err((RequestError::NoStatus, None)),
-    };
+    let status = status_byte(mem, writable).ok_or((RequestError::NoStatus, None))?;
     let fail = |e| Err((e, Some(status)));
     if writable.iter().any(|d| !d.write) {
         return fail(RequestError::ReadableAfterWritable);
     }
-
-    // Header: the first 16 readable bytes, possibly spread over descriptors.
+    let (ty, sector, data_start) = match header(mem, readable) {
+        Ok(h) => h,
+        Err(e) => return fail(e),
+    };
     let readable_len: u64 = readable.iter().map(|d| u64::from(d.len)).sum();
-    if readable_len < HEADER_BYTES {
-        return fail(RequestError::HeaderTooShort(readable_len));
-    }
-    let mut hdr = [0u8; HEADER_BYTES as usize];
-    let mut got = 0usize;
-    let mut data_start: Option<(usize, u64)> = None; // (desc index, offset) of the first data byte
-    for (i, d) in readable.iter().enumerate() {
-        let take = (hdr.len() - got).min(d.len as usize);
-        if take > 0 {
-            if mem
-                .read_slice(&mut hdr[got..got + take], GuestAddress(d.addr))
-                .is_err()
-            {
-                return fail(RequestError::HeaderUnreadable);
-            }
-            got += take;
-        }
-        if got == hdr.len() {
-            data_start = Some((i, take as u64));
-            break;
-        }
-    }
-    let ty = RequestType::from_u32(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]));
-    let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
-
-    // Data: the readable bytes after the header, or the writable bytes before the status.
-    let (di, doff) = data_start.expect("header was complete");
     let out_len = readable_len - HEADER_BYTES;
     let writable_len: u64 = writable.iter().map(|d| u64::from(d.len)).sum();
     let in_len = writable_len - 1;
-    let push = |data: &mut Vec<Segment>, addr: u64, len: u64| -> Result<(), RequestError> {
-        if len == 0 {
-            return Ok(());
-        }
-        if data.len() >= limits.max_segments {
-            return Err(RequestError::TooManySegments(data.len() + 1));
-        }
-        if !range_ok(mem, addr, len) {
-            return Err(RequestError::BadBuffer);
-        }
-        data.push(Segment {
-            addr: GuestAddress(addr),
-            len: len as u32,
-        });
-        Ok(())
+    let mut segs = Segments {
+        mem,
+        limits,
+        data: &mut data,
     };
     let data_len = match ty {
-        RequestType::In | RequestType::GetId => {
-            if out_len != 0 {
-                return fail(RequestError::WrongDirection(ty));
-            }
-            let mut left = in_len;
-            for d in writable {
-                let n = u64::from(d.len).min(left);
-                if let Err(e) = push(&mut data, d.addr, n) {
-                    return fail(e);
-                }
-                left -= n;
-            }
-            in_len
+        RequestType::In | RequestType::GetId if out_len != 0 => {
+            return fail(RequestError::WrongDirection(ty))
+        }
+        RequestType::In | RequestType::GetId => segs.writable(writable, in_len).map(|_| in_len),
+        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes if in_len != 0 => {
+            return fail(RequestError::WrongDirection(ty))
         }
         RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
-            if in_len != 0 {
-                return fail(RequestError::WrongDirection(ty));
-            }
-            for (i, d) in readable.iter().enumerate().skip(di) {
-                let off = if i == di { doff } else { 0 };
-                if let Err(e) = push(&mut data, d.addr + off, u64::from(d.len) - off) {
-                    return fail(e);
-                }
-            }
-            out_len
+            segs.readable(readable, data_start).map(|_| out_len)
         }
-        RequestType::Flush | RequestType::Unsupported(_) => 0,
+        RequestType::Flush | RequestType::Unsupported(_) => Ok(0),
     };
-
-    match ty {
-        RequestType::In | RequestType::Out => {
-            if !data_len.is_multiple_of(SECTOR_SIZE) {
-                return fail(RequestError::UnalignedLength(data_len));
-            }
-            let sectors = data_len >> SECTOR_SHIFT;
-            match sector.checked_add(sectors) {
-                Some(end) if end <= limits.capacity_sectors => {}
-                _ => {
-                    return fail(RequestError::OutOfRange {
-                        sector,
-                        sectors,
-                        capacity: limits.capacity_sectors,
-                    })
-                }
-            }
-        }
-        RequestType::Discard | RequestType::WriteZeroes
-            if data_len == 0 || !data_len.is_multiple_of(DISCARD_SEGMENT_BYTES) =>
-        {
-            return fail(RequestError::BadDiscardPayload(data_len));
-        }
-        _ => {}
-    }
+    let data_len = match data_len.and_then(|n| check_len(ty, sector, n, limits)) {
+        Ok(n) => n,
+        Err(e) => return fail(e),
+    };
     Ok(Request {
         ty,
         sector,
@@ -398,6 +308,121 @@ where
         data_len,
         status,
     })
+}
+
+/// The status byte: the last byte of the last descriptor, which must be device-writable (the
+/// device must not write into a device-readable buffer: virtio 1.2, 2.7.5.1).
+fn status_byte<M>(mem: &M, writable: &[Desc]) -> Option<GuestAddress>
+where
+    M: GuestMemory + GuestMemoryBackend + ?Sized,
+{
+    let d = writable
+        .iter()
+        .rev()
+        .find(|d| d.len > 0)
+        .filter(|d| d.write)?;
+    let a = d.addr.checked_add(u64::from(d.len) - 1)?;
+    range_ok(mem, a, 1).then_some(GuestAddress(a))
+}
+
+/// The header: the first 16 readable bytes, possibly spread over descriptors. Returns the
+/// type, the sector and where the data starts (descriptor index, offset in it).
+fn header<M>(mem: &M, readable: &[Desc]) -> Result<(RequestType, u64, (usize, u64)), RequestError>
+where
+    M: GuestMemory + GuestMemoryBackend + ?Sized,
+{
+    let readable_len: u64 = readable.iter().map(|d| u64::from(d.len)).sum();
+    if readable_len < HEADER_BYTES {
+        return Err(RequestError::HeaderTooShort(readable_len));
+    }
+    let mut hdr = [0u8; HEADER_BYTES as usize];
+    let mut got = 0usize;
+    for (i, d) in readable.iter().enumerate() {
+        let take = (hdr.len() - got).min(d.len as usize);
+        if take > 0 {
+            mem.read_slice(&mut hdr[got..got + take], GuestAddress(d.addr))
+                .map_err(|_| RequestError::HeaderUnreadable)?;
+            got += take;
+        }
+        if got == hdr.len() {
+            let ty = RequestType::from_u32(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]));
+            let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+            return Ok((ty, sector, (i, take as u64)));
+        }
+    }
+    unreachable!("readable_len covers the header")
+}
+
+/// Collects data segments, each checked to lie in guest memory, at most `max_segments`.
+struct Segments<'a, M: ?Sized> {
+    mem: &'a M,
+    limits: &'a Limits,
+    data: &'a mut Vec<Segment>,
+}
+
+impl<M: GuestMemory + GuestMemoryBackend + ?Sized> Segments<'_, M> {
+    fn push(&mut self, addr: u64, len: u64) -> Result<(), RequestError> {
+        if len == 0 {
+            return Ok(());
+        }
+        if self.data.len() >= self.limits.max_segments {
+            return Err(RequestError::TooManySegments(self.data.len() + 1));
+        }
+        if !range_ok(self.mem, addr, len) {
+            return Err(RequestError::BadBuffer);
+        }
+        self.data.push(Segment {
+            addr: GuestAddress(addr),
+            len: len as u32,
+        });
+        Ok(())
+    }
+
+    /// The writable bytes before the status byte (`len` of them).
+    fn writable(&mut self, writable: &[Desc], mut len: u64) -> Result<(), RequestError> {
+        for d in writable {
+            let n = u64::from(d.len).min(len);
+            self.push(d.addr, n)?;
+            len -= n;
+        }
+        Ok(())
+    }
+
+    /// The readable bytes after the header, from `start` (descriptor index, offset).
+    fn readable(&mut self, readable: &[Desc], start: (usize, u64)) -> Result<(), RequestError> {
+        let (di, doff) = start;
+        for (i, d) in readable.iter().enumerate().skip(di) {
+            let off = if i == di { doff } else { 0 };
+            self.push(d.addr + off, u64::from(d.len) - off)?;
+        }
+        Ok(())
+    }
+}
+
+/// Checks the data length of a request of type `ty` at `sector`.
+fn check_len(ty: RequestType, sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestError> {
+    match ty {
+        RequestType::In | RequestType::Out => {
+            if !len.is_multiple_of(SECTOR_SIZE) {
+                return Err(RequestError::UnalignedLength(len));
+            }
+            let sectors = len >> SECTOR_SHIFT;
+            match sector.checked_add(sectors) {
+                Some(end) if end <= limits.capacity_sectors => Ok(len),
+                _ => Err(RequestError::OutOfRange {
+                    sector,
+                    sectors,
+                    capacity: limits.capacity_sectors,
+                }),
+            }
+        }
+        RequestType::Discard | RequestType::WriteZeroes
+            if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_BYTES) =>
+        {
+            Err(RequestError::BadDiscardPayload(len))
+        }
+        _ => Ok(len),
+    }
 }
 
 /// One segment of a discard or write-zeroes payload.

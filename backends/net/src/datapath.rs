@@ -352,6 +352,14 @@ impl<T: TapIo> QueuePair<T> {
                 Delivery::NoRoom(self.chains.len() as u16)
             });
         }
+        self.write_frame(queue, mem)?;
+        Ok(Delivery::Delivered)
+    }
+
+    /// Writes the frame in the bounce buffer over the chains taken for it (with num_buffers
+    /// set) and publishes them.
+    fn write_frame(&mut self, queue: &mut Queue, mem: &GuestMem) -> io::Result<()> {
+        let total = self.rx_len;
         if self.hdr_len > NUM_BUFFERS_OFFSET {
             let n = self.chains.len() as u16;
             self.rx_buf[NUM_BUFFERS_OFFSET..NUM_BUFFERS_OFFSET + 2]
@@ -379,7 +387,7 @@ impl<T: TapIo> QueuePair<T> {
         self.stats
             .rx_bytes
             .fetch_add((total - self.hdr_len) as u64, Ordering::Relaxed);
-        Ok(Delivery::Delivered)
+        Ok(())
     }
 
     /// Moves frames from the TX queue to the tap. Returns whether used entries were added.

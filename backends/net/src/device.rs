@@ -17,7 +17,7 @@ use vm_memory::{ByteValued, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
-use vhostbox_common::connection::config_slice;
+use vhostbox_common::backend::{config_slice, read_only_config, thread_masks};
 use vhostbox_common::launch::GuestMemHandle;
 
 use crate::config::Mac;
@@ -262,28 +262,21 @@ impl VhostUserBackend for NetBackend {
     }
 
     fn set_config(&self, offset: u32, buf: &[u8]) -> io::Result<()> {
-        Err(io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!(
-                "SET_CONFIG: the virtio-net config space is read-only (offset {offset} size {})",
-                buf.len()
-            ),
-        ))
+        Err(read_only_config(offset, buf))
+    }
+
+    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
+        self.exit.take()
+    }
+
+    /// A pair per thread: RX and TX of one pair share a thread and its tap queue.
+    fn queues_per_thread(&self) -> Vec<u64> {
+        thread_masks(self.cfg.queue_pairs, 2)
     }
 
     fn update_memory(&self, _mem: GuestMemHandle) -> io::Result<()> {
         // `self.mem` is the same handle, which the library has just updated.
         Ok(())
-    }
-
-    fn queues_per_thread(&self) -> Vec<u64> {
-        (0..self.cfg.queue_pairs)
-            .map(|i| 0b11u64 << (2 * i))
-            .collect()
-    }
-
-    fn exit_event(&self, _thread_index: usize) -> Option<(EventConsumer, EventNotifier)> {
-        self.exit.take()
     }
 
     fn handle_event(

@@ -82,6 +82,9 @@ pub type UringOpen = Box<dyn FnMut(&CStr) -> io::Result<i32>>;
 
 /// Runs probe `spec` in the jailed worker. `uring_openat` opens a path through the device's
 /// ring (`None` if it has none). Returns the worker's exit code.
+///
+/// Kept whole on purpose: one match arm per probe, each a few lines of the attempt itself,
+/// reads as the list of attacks it is.
 pub fn run(spec: &str, uring_openat: Option<&mut UringOpen>) -> i32 {
     let (name, arg) = match spec.split_once('=') {
         Some((n, a)) => (n, Some(a)),

@@ -224,7 +224,7 @@ pub fn supervise(
     mut worker: impl FnMut(WorkerCtx) -> i32,
 ) -> i32 {
     lift_memlock_for_rings();
-    match run(jail, rules, &mut worker) {
+    match Supervisor::new(jail, rules).and_then(|mut s| s.run(&mut worker)) {
         Ok(code) => code,
         Err(e) => {
             error!("supervisor: {}", crate::error_chain(&e));
@@ -233,73 +233,120 @@ pub fn supervise(
     }
 }
 
-fn run(
-    jail: &JailConfig,
-    rules: &Rules,
-    worker: &mut dyn FnMut(WorkerCtx) -> i32,
-) -> Result<i32, SupervisorError> {
-    let sigs = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
-    // SAFETY: sigprocmask with a valid set.
-    let r = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
-    cvt(r as libc::c_long, "sigprocmask")?;
-    // SAFETY: signalfd with a valid set; the result is checked.
-    let sfd = cvt(
-        unsafe { libc::signalfd(-1, &sigs, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) }
-            as libc::c_long,
-        "signalfd",
-    )?;
-    // SAFETY: a fresh fd.
-    let sfd = unsafe { OwnedFd::from_raw_fd(sfd as RawFd) };
-    // The report channel: a socket so that a kill-mode worker can hand over its seccomp
-    // listener; trap mode writes its "SECCOMP NR" line on it.
-    let (report_r, report_w) = seqpacket_pair()?;
-    // SAFETY: fcntl on our fd.
-    unsafe { libc::fcntl(report_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
-    super::restrict_supervisor(jail.mode).map_err(SupervisorError::Restrict)?;
-    let mut reports = String::new();
-    let mut backoff = Duration::from_millis(50);
-    let mut child: Option<Child> = None;
-    let mut stopping = false;
-    let mut stop_deadline = None;
-    let mut generation = 0;
-    // Kill mode: the current worker's seccomp listener, and the syscall it reported.
-    let mut notif: Option<OwnedFd> = None;
-    let mut notified: Option<i64> = None;
-    loop {
-        if child.is_none() {
-            if stopping {
-                return Ok(0);
+/// How a worker ended, as far as what comes next is concerned.
+enum Ended {
+    /// It served its connection and exited cleanly: start the next one at once.
+    Finished,
+    /// It could not set up its device or jail: a replacement would fail the same way.
+    GiveUp,
+    /// It died (crash, seccomp, signal): log why, and replace it after a pause if it died
+    /// on its way up.
+    Died,
+}
+
+/// The supervisor's state between poll rounds.
+struct Supervisor<'a> {
+    jail: &'a JailConfig,
+    rules: &'a Rules,
+    signals: OwnedFd,
+    report_r: OwnedFd,
+    report_w: OwnedFd,
+    /// The last lines the current worker wrote on the report channel.
+    reports: String,
+    backoff: Duration,
+    child: Option<Child>,
+    stopping: bool,
+    stop_deadline: Option<Instant>,
+    generation: u64,
+    /// Kill mode: the current worker's seccomp listener, and the syscall it reported.
+    notif: Option<OwnedFd>,
+    notified: Option<i64>,
+}
+
+const FIRST_BACKOFF: Duration = Duration::from_millis(50);
+
+impl<'a> Supervisor<'a> {
+    /// Blocks the signals it handles (into a signalfd), makes the report channel and narrows
+    /// the process to what supervising needs.
+    fn new(jail: &'a JailConfig, rules: &'a Rules) -> Result<Self, SupervisorError> {
+        let sigs = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
+        // SAFETY: sigprocmask with a valid set.
+        let r = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
+        cvt(r as libc::c_long, "sigprocmask")?;
+        // SAFETY: signalfd with a valid set; the result is checked.
+        let sfd = cvt(
+            unsafe { libc::signalfd(-1, &sigs, libc::SFD_CLOEXEC | libc::SFD_NONBLOCK) }
+                as libc::c_long,
+            "signalfd",
+        )?;
+        // SAFETY: a fresh fd.
+        let signals = unsafe { OwnedFd::from_raw_fd(sfd as RawFd) };
+        // The report channel: a socket so that a kill-mode worker can hand over its seccomp
+        // listener; trap mode writes its "SECCOMP NR" line on it.
+        let (report_r, report_w) = seqpacket_pair()?;
+        // SAFETY: fcntl on our fd.
+        unsafe { libc::fcntl(report_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        super::restrict_supervisor(jail.mode).map_err(SupervisorError::Restrict)?;
+        Ok(Supervisor {
+            jail,
+            rules,
+            signals,
+            report_r,
+            report_w,
+            reports: String::new(),
+            backoff: FIRST_BACKOFF,
+            child: None,
+            stopping: false,
+            stop_deadline: None,
+            generation: 0,
+            notif: None,
+            notified: None,
+        })
+    }
+
+    fn run(&mut self, worker: &mut dyn FnMut(WorkerCtx) -> i32) -> Result<i32, SupervisorError> {
+        loop {
+            if self.child.is_none() {
+                if self.stopping {
+                    return Ok(0);
+                }
+                self.generation += 1;
+                let ctx = WorkerCtx {
+                    report_fd: self.report_w.as_raw_fd(),
+                    generation: self.generation,
+                };
+                let c = spawn(self.jail, ctx, worker)?;
+                info!("worker started, pid {}", c.pid);
+                self.child = Some(c);
             }
-            generation += 1;
-            let c = spawn(
-                jail,
-                WorkerCtx {
-                    report_fd: report_w.as_raw_fd(),
-                    generation,
-                },
-                worker,
-            )?;
-            info!("worker started, pid {}", c.pid);
-            child = Some(c);
+            self.wait_and_handle()?;
+            let Some((pid, status, lived, served)) = self.reap() else {
+                continue;
+            };
+            match self.ended(pid, status) {
+                Ended::Finished => self.backoff = FIRST_BACKOFF,
+                Ended::GiveUp => return Ok(1),
+                Ended::Died if self.stopping => return Ok(0),
+                Ended::Died => self.pace(pid, lived, served),
+            }
         }
+    }
+
+    /// Waits for a signal, a report or a seccomp notification (200 ms at most while
+    /// stopping) and handles what came.
+    fn wait_and_handle(&mut self) -> Result<(), SupervisorError> {
+        let notif_fd = self.notif.as_ref().map_or(-1, |l| l.as_raw_fd());
         let mut fds = [
-            libc::pollfd {
-                fd: sfd.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: report_r.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-            libc::pollfd {
-                fd: notif.as_ref().map_or(-1, |l| l.as_raw_fd()),
-                events: libc::POLLIN,
-                revents: 0,
-            },
-        ];
-        let timeout = if stopping { 200 } else { -1 };
+            self.signals.as_raw_fd(),
+            self.report_r.as_raw_fd(),
+            notif_fd,
+        ]
+        .map(|fd| libc::pollfd {
+            fd,
+            events: libc::POLLIN,
+            revents: 0,
+        });
+        let timeout = if self.stopping { 200 } else { -1 };
         // SAFETY: fds is a valid array of three pollfds (poll skips the negative fd).
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
         if r < 0 {
@@ -309,29 +356,50 @@ fn run(
             }
         }
         if fds[1].revents & libc::POLLIN != 0 {
-            if let Some(l) = recv_report(report_r.as_raw_fd(), &mut reports) {
-                notif = Some(l);
-            }
-            if reports.contains(SERVING) {
-                reports = reports.replace(SERVING, "");
-                if let Some(c) = child.as_mut() {
-                    c.served = true;
-                }
-            }
+            self.take_reports();
         }
         if fds[2].revents & libc::POLLIN != 0 {
-            if let (Some(l), Some(c)) = (&notif, &child) {
-                if let Some(nr) = recv_notification(l.as_raw_fd()) {
-                    // The offending thread is blocked in the kernel; end the whole worker.
-                    notified = Some(nr);
-                    // SAFETY: kill() on our own child.
-                    unsafe { libc::kill(c.pid, libc::SIGKILL) };
-                }
-            }
+            self.take_notification();
         } else if fds[2].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
-            notif = None;
+            self.notif = None;
         }
-        // Drain the signalfd.
+        self.take_signals();
+        if let (Some(c), Some(d)) = (&self.child, self.stop_deadline) {
+            if Instant::now() > d {
+                warn!("worker {} did not stop in time, killing it", c.pid);
+                // SAFETY: kill() on our own child.
+                unsafe { libc::kill(c.pid, libc::SIGKILL) };
+                self.stop_deadline = None;
+            }
+        }
+        Ok(())
+    }
+
+    fn take_reports(&mut self) {
+        if let Some(l) = recv_report(self.report_r.as_raw_fd(), &mut self.reports) {
+            self.notif = Some(l);
+        }
+        if self.reports.contains(SERVING) {
+            self.reports = self.reports.replace(SERVING, "");
+            if let Some(c) = self.child.as_mut() {
+                c.served = true;
+            }
+        }
+    }
+
+    fn take_notification(&mut self) {
+        if let (Some(l), Some(c)) = (&self.notif, &self.child) {
+            if let Some(nr) = recv_notification(l.as_raw_fd()) {
+                // The offending thread is blocked in the kernel; end the whole worker.
+                self.notified = Some(nr);
+                // SAFETY: kill() on our own child.
+                unsafe { libc::kill(c.pid, libc::SIGKILL) };
+            }
+        }
+    }
+
+    /// Drains the signalfd; SIGTERM, SIGINT or SIGHUP start a clean stop of the worker.
+    fn take_signals(&mut self) {
         loop {
             // SAFETY: signalfd_siginfo is a plain C struct of integers: all-zero is valid.
             let mut si: libc::signalfd_siginfo = unsafe { std::mem::zeroed() };
@@ -339,103 +407,107 @@ fn run(
             // SAFETY: reads one siginfo into our struct.
             let n = unsafe {
                 libc::read(
-                    sfd.as_raw_fd(),
+                    self.signals.as_raw_fd(),
                     (&mut si as *mut libc::signalfd_siginfo).cast(),
                     sz,
                 )
             };
             if n != sz as isize {
-                break;
+                return;
             }
             let sig = si.ssi_signo as i32;
-            if sig != libc::SIGCHLD && !stopping {
+            if sig != libc::SIGCHLD && !self.stopping {
                 info!("signal {sig} received, stopping the worker");
-                stopping = true;
-                stop_deadline = Some(Instant::now() + Duration::from_secs(10));
-                if let Some(c) = &child {
+                self.stopping = true;
+                self.stop_deadline = Some(Instant::now() + Duration::from_secs(10));
+                if let Some(c) = &self.child {
                     // SAFETY: kill() on our own child.
                     unsafe { libc::kill(c.pid, libc::SIGTERM) };
                 }
             }
         }
-        if let (Some(c), Some(d)) = (&child, stop_deadline) {
-            if Instant::now() > d {
-                warn!("worker {} did not stop in time, killing it", c.pid);
-                // SAFETY: kill() on our own child.
-                unsafe { libc::kill(c.pid, libc::SIGKILL) };
-                stop_deadline = None;
-            }
-        }
-        let Some(c) = &child else { continue };
+    }
+
+    /// The current worker, if it has ended: (pid, wait status, how long it lived, whether it
+    /// was serving).
+    fn reap(&mut self) -> Option<(i32, i32, Duration, bool)> {
+        let c = self.child.as_ref()?;
         let mut status = 0;
         // SAFETY: waitpid on our own child with a valid status pointer.
         let r = unsafe { libc::waitpid(c.pid, &mut status, libc::WNOHANG) };
         if r != c.pid {
-            continue;
+            return None;
         }
-        let pid = c.pid;
-        let lived = c.started.elapsed();
-        let served = c.served;
-        child = None;
-        notif = None;
-        if let Some(nr) = notified.take() {
+        let ended = (c.pid, status, c.started.elapsed(), c.served);
+        self.child = None;
+        self.notif = None;
+        Some(ended)
+    }
+
+    /// Logs how worker `pid` ended.
+    fn ended(&mut self, pid: i32, status: i32) -> Ended {
+        if let Some(nr) = self.notified.take() {
             error!(
                 "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
-                seccomp::syscall_name(nr, rules)
+                seccomp::syscall_name(nr, self.rules)
             );
         } else if libc::WIFEXITED(status) {
-            let code = libc::WEXITSTATUS(status);
-            match code {
+            match libc::WEXITSTATUS(status) {
                 0 => {
                     info!("worker {pid} finished");
-                    backoff = Duration::from_millis(50);
-                    continue;
+                    return Ended::Finished;
                 }
                 EXIT_JAIL_FAILED => {
                     error!("worker {pid} could not enter its sandbox; giving up");
-                    return Ok(1);
+                    return Ended::GiveUp;
                 }
                 c => warn!("worker {pid} exited with status {c}"),
             }
         } else if libc::WIFSIGNALED(status) {
             let sig = libc::WTERMSIG(status);
             if sig == libc::SIGSYS {
-                // Let the report pipe catch up: the handler writes before dying.
-                let _ = recv_report(report_r.as_raw_fd(), &mut reports);
-                let from_report = reports
-                    .lines()
-                    .rev()
-                    .find_map(|l| l.strip_prefix("SECCOMP "))
-                    .and_then(|v| v.trim().parse::<i64>().ok());
-                let nr = from_report;
-                match nr {
-                    Some(nr) => error!(
-                        "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
-                        seccomp::syscall_name(nr, rules)
-                    ),
-                    None => error!(
-                        "worker {pid} killed by SIGSYS without a report (it did not come \
-                         from the seccomp filter's trap handler)"
-                    ),
-                }
-                reports.clear();
+                self.report_trap(pid);
             } else {
                 error!("worker {pid} killed by signal {sig}");
             }
         }
-        if stopping {
-            return Ok(0);
+        Ended::Died
+    }
+
+    /// A worker killed by SIGSYS: trap mode's handler reported the syscall before dying.
+    fn report_trap(&mut self, pid: i32) {
+        // Let the report channel catch up.
+        let _ = recv_report(self.report_r.as_raw_fd(), &mut self.reports);
+        let nr = self
+            .reports
+            .lines()
+            .rev()
+            .find_map(|l| l.strip_prefix("SECCOMP "))
+            .and_then(|v| v.trim().parse::<i64>().ok());
+        match nr {
+            Some(nr) => error!(
+                "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
+                seccomp::syscall_name(nr, self.rules)
+            ),
+            None => error!(
+                "worker {pid} killed by SIGSYS without a report (it did not come from the \
+                 seccomp filter's trap handler)"
+            ),
         }
-        // A worker that dies right after starting would otherwise be respawned in a tight loop.
-        // One that died while serving is replaced at once: the frontend is waiting for it.
+        self.reports.clear();
+    }
+
+    /// After a death: one that dies right after starting would otherwise be respawned in a
+    /// tight loop; one that died while serving is replaced at once (the frontend is waiting).
+    fn pace(&mut self, pid: i32, lived: Duration, served: bool) {
         if served {
             info!("replacing worker {pid}, which was serving a frontend");
-            backoff = Duration::from_millis(50);
+            self.backoff = FIRST_BACKOFF;
         } else if lived < Duration::from_secs(2) {
-            std::thread::sleep(backoff);
-            backoff = (backoff * 2).min(Duration::from_secs(5));
+            std::thread::sleep(self.backoff);
+            self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
         } else {
-            backoff = Duration::from_millis(50);
+            self.backoff = FIRST_BACKOFF;
         }
     }
 }
