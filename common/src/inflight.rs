@@ -69,6 +69,28 @@ pub fn queue_region_size(queue_size: u16) -> usize {
     (HEADER + DESC * usize::from(queue_size)).div_ceil(ALIGN) * ALIGN
 }
 
+/// Why an in-flight region cannot be given or taken.
+#[derive(Debug, thiserror::Error)]
+pub enum InflightError {
+    #[error("{asked} queues asked for, the device has {has}")]
+    Queues { asked: u16, has: u16 },
+    #[error("queue size {asked} asked for, at most {max} is supported")]
+    QueueSize { asked: u16, max: u16 },
+    #[error("{0} queues of {1} descriptors")]
+    Empty(u16, u16),
+    #[error("region of {size} bytes for {queues} queues of {queue_size} (needs {need})")]
+    Size {
+        size: u64,
+        queues: u16,
+        queue_size: u16,
+        need: usize,
+    },
+    #[error("region {offset}+{size} beyond the {file}-byte file")]
+    BeyondFile { offset: u64, size: u64, file: i64 },
+    #[error("{0}")]
+    Sys(&'static str, #[source] io::Error),
+}
+
 /// A shared read-write mapping, unmapped when dropped.
 struct Mapping {
     ptr: *mut u8,
@@ -166,18 +188,18 @@ impl InflightFd {
 
     /// Zeroes the region for a new device lifetime and returns the size the frontend should
     /// map, or why the request cannot be met.
-    pub fn prepare(&self, num_queues: u16, queue_size: u16) -> Result<u64, String> {
+    pub fn prepare(&self, num_queues: u16, queue_size: u16) -> Result<u64, InflightError> {
         if num_queues == 0 || num_queues > self.num_queues {
-            return Err(format!(
-                "{num_queues} queues asked for, the device has {}",
-                self.num_queues
-            ));
+            return Err(InflightError::Queues {
+                asked: num_queues,
+                has: self.num_queues,
+            });
         }
         if queue_size == 0 || queue_size > self.max_queue_size {
-            return Err(format!(
-                "queue size {queue_size} asked for, at most {} is supported",
-                self.max_queue_size
-            ));
+            return Err(InflightError::QueueSize {
+                asked: queue_size,
+                max: self.max_queue_size,
+            });
         }
         // SAFETY: zeroes our own mapping, whose length is `map.len`.
         unsafe { std::ptr::write_bytes(self.map.ptr, 0, self.map.len) };
@@ -204,36 +226,38 @@ impl InflightRegion {
         mmap_offset: u64,
         num_queues: u16,
         queue_size: u16,
-    ) -> io::Result<Self> {
-        let bad = |m: String| io::Error::new(io::ErrorKind::InvalidInput, m);
+    ) -> Result<Self, InflightError> {
         if num_queues == 0 || queue_size == 0 {
-            return Err(bad(format!(
-                "{num_queues} queues of {queue_size} descriptors"
-            )));
+            return Err(InflightError::Empty(num_queues, queue_size));
         }
         let need = usize::from(num_queues) * queue_region_size(queue_size);
         if mmap_size < need as u64 || mmap_size > (64 << 20) {
-            return Err(bad(format!(
-                "region of {mmap_size} bytes for {num_queues} queues of {queue_size} (needs {need})"
-            )));
+            return Err(InflightError::Size {
+                size: mmap_size,
+                queues: num_queues,
+                queue_size,
+                need,
+            });
         }
-        // SAFETY: fstat into a zeroed struct we own.
+        // SAFETY: stat is a plain C struct of integers: all-zero is a valid value.
         let mut st: libc::stat = unsafe { std::mem::zeroed() };
         // SAFETY: fstat on a valid fd with a valid out pointer.
         if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
-            return Err(io::Error::last_os_error());
+            return Err(InflightError::Sys("fstat", io::Error::last_os_error()));
         }
         match mmap_offset.checked_add(mmap_size) {
             Some(end) if end <= st.st_size as u64 => {}
             _ => {
-                return Err(bad(format!(
-                    "region {mmap_offset}+{mmap_size} beyond the {}-byte file",
-                    st.st_size
-                )))
+                return Err(InflightError::BeyondFile {
+                    offset: mmap_offset,
+                    size: mmap_size,
+                    file: st.st_size,
+                })
             }
         }
         Ok(Self {
-            map: Mapping::new(fd.as_raw_fd(), mmap_size as usize, mmap_offset)?,
+            map: Mapping::new(fd.as_raw_fd(), mmap_size as usize, mmap_offset)
+                .map_err(|e| InflightError::Sys("mmap", e))?,
             num_queues,
             queue_size,
         })
@@ -478,13 +502,16 @@ impl InflightHook {
                     self.slot.set(r)
                 })
             }
-            _ => Err(io::Error::new(
-                io::ErrorKind::InvalidInput,
-                "needs a 24-byte payload and one fd",
+            _ => Err(InflightError::Sys(
+                "SET_INFLIGHT_FD",
+                io::Error::new(
+                    io::ErrorKind::InvalidInput,
+                    "needs a 24-byte payload and one fd",
+                ),
             )),
         };
         if let Err(e) = &r {
-            warn!("SET_INFLIGHT_FD refused: {e}");
+            warn!("SET_INFLIGHT_FD refused: {}", crate::error_chain(e));
         }
         // The fd is not kept: the mapping holds the memory.
         msg.fds.clear();
@@ -660,8 +687,16 @@ mod tests {
     #[test]
     fn region_checks() {
         let fd = InflightFd::new(2, 256).unwrap();
-        assert!(fd.prepare(3, 256).unwrap_err().contains("3 queues"));
-        assert!(fd.prepare(2, 512).unwrap_err().contains("queue size 512"));
+        assert!(fd
+            .prepare(3, 256)
+            .unwrap_err()
+            .to_string()
+            .contains("3 queues"));
+        assert!(fd
+            .prepare(2, 512)
+            .unwrap_err()
+            .to_string()
+            .contains("queue size 512"));
         assert_eq!(fd.prepare(2, 128).unwrap(), 2 * 2112);
         let own = fd.fd.try_clone().unwrap();
         let e = InflightRegion::map(&own, 100, 0, 2, 128).err().unwrap();

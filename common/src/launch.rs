@@ -16,7 +16,6 @@
 //! So every connection starts from a process that no earlier frontend has touched, in every
 //! sandbox mode, and no code exists for an in-process loop over connections.
 
-use std::io;
 use std::os::fd::RawFd;
 
 use clap::Parser;
@@ -109,6 +108,9 @@ pub trait Device: Sized {
     type Opened;
     /// Why opening failed (a usage error: exit status 2).
     type OpenError: std::error::Error;
+    /// Why a worker could not build its connection (it then exits, and the supervisor gives
+    /// up: a replacement would fail the same way).
+    type BuildError: std::error::Error;
     /// The vhost-user backend of one connection.
     type Backend: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static;
 
@@ -131,7 +133,7 @@ pub trait Device: Sized {
         &self,
         opened: &Self::Opened,
         mem: &GuestMemHandle,
-    ) -> io::Result<Connection<Self::Backend>>;
+    ) -> Result<Connection<Self::Backend>, Self::BuildError>;
 }
 
 /// The whole program: parse, open, supervise. Returns the exit status.

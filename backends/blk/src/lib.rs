@@ -33,6 +33,15 @@ use disk::{Disk, DiskError};
 use engine::{Engine, EngineKind, SyncEngine, UringEngine};
 use queue::{BlkQueue, Shared};
 
+/// Why a worker could not set up its device.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    #[error("cannot set up io_uring")]
+    Uring(#[source] io::Error),
+    #[error("cannot make the in-flight region")]
+    Inflight(#[source] io::Error),
+}
+
 /// vhostbox-blk as the launcher runs it.
 pub struct Blk {
     pub cfg: Config,
@@ -44,6 +53,7 @@ impl launch::Device for Blk {
     type ConfigError = config::ConfigError;
     type Opened = Arc<Shared>;
     type OpenError = DiskError;
+    type BuildError = BuildError;
     type Backend = Arc<BlkBackend>;
 
     fn configure(args: args::Args) -> Result<(CommonConfig, Self), config::ConfigError> {
@@ -105,17 +115,19 @@ impl launch::Device for Blk {
         &self,
         shared: &Arc<Shared>,
         mem: &GuestMemHandle,
-    ) -> io::Result<Connection<Arc<BlkBackend>>> {
+    ) -> Result<Connection<Arc<BlkBackend>>, BuildError> {
         let cfg = &self.cfg;
         // The rings and the in-flight region cannot be made in the jail.
-        let inflight = InflightFd::new(cfg.num_queues, cfg.queue_size)?;
+        let inflight =
+            InflightFd::new(cfg.num_queues, cfg.queue_size).map_err(BuildError::Inflight)?;
         let slot = Arc::new(InflightSlot::default());
         let mut fds: Vec<i32> = shared.disk.fd().into_iter().collect();
         fds.push(inflight.raw_fd());
         let mut watch = Vec::new();
         let mut queues = Vec::with_capacity(usize::from(cfg.num_queues));
         for i in 0..cfg.num_queues {
-            let engine = make_engine(shared, cfg.engine, cfg.queue_size)?;
+            let engine =
+                make_engine(shared, cfg.engine, cfg.queue_size).map_err(BuildError::Uring)?;
             if let Some(e) = &engine {
                 fds.extend(e.fds());
                 if let Some(fd) = e.completion_fd() {
@@ -158,10 +170,9 @@ fn make_engine(shared: &Shared, kind: EngineKind, queue_size: u16) -> io::Result
     };
     Ok(Some(match kind {
         EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
-        EngineKind::IoUring => Engine::Uring(Box::new(
-            UringEngine::new(fd, u32::from(queue_size))
-                .map_err(|e| io::Error::new(e.kind(), format!("cannot set up io_uring: {e}")))?,
-        )),
+        EngineKind::IoUring => {
+            Engine::Uring(Box::new(UringEngine::new(fd, u32::from(queue_size))?))
+        }
     }))
 }
 

@@ -13,7 +13,6 @@ pub mod hdr;
 pub mod seccomp;
 pub mod tap;
 
-use std::io;
 use std::sync::Arc;
 
 use vmm_sys_util::epoll::EventSet;
@@ -37,6 +36,7 @@ impl launch::Device for Net {
     type ConfigError = config::ConfigError;
     type Opened = Arc<Tap>;
     type OpenError = TapError;
+    type BuildError = std::convert::Infallible;
     type Backend = Arc<NetBackend>;
 
     fn configure(args: args::Args) -> Result<(CommonConfig, Self), config::ConfigError> {
@@ -96,7 +96,7 @@ impl launch::Device for Net {
         &self,
         tap: &Arc<Tap>,
         mem: &GuestMemHandle,
-    ) -> io::Result<Connection<Arc<NetBackend>>> {
+    ) -> Result<Connection<Arc<NetBackend>>, std::convert::Infallible> {
         let cfg = &self.cfg;
         let dev_cfg = DeviceConfig {
             queue_pairs: cfg.queue_pairs,

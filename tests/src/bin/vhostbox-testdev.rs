@@ -113,6 +113,7 @@ impl launch::Device for Fill {
     type ConfigError = CommonError;
     type Opened = ();
     type OpenError = Infallible;
+    type BuildError = Infallible;
     type Backend = Arc<FillBackend>;
 
     fn configure(a: Args) -> Result<(CommonConfig, Self), CommonError> {
@@ -131,7 +132,11 @@ impl launch::Device for Fill {
     fn seccomp(&self, _: &(), own_pid: u32) -> Rules {
         transport_rules(own_pid)
     }
-    fn build(&self, _: &(), mem: &GuestMemHandle) -> io::Result<Connection<Arc<FillBackend>>> {
+    fn build(
+        &self,
+        _: &(),
+        mem: &GuestMemHandle,
+    ) -> Result<Connection<Arc<FillBackend>>, Infallible> {
         Ok(Connection::new(Arc::new(FillBackend {
             byte: self.byte,
             mem: mem.clone(),
