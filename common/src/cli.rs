@@ -25,6 +25,13 @@ pub struct CommonArgs {
     #[cfg(feature = "jail-probe")]
     #[arg(long, value_name = "ATTEMPT", hide = true)]
     pub jail_probe: Option<String>,
+
+    /// Test builds only: leave these jail layers out (comma-separated: landlock, dumpable,
+    /// rlimit-nofile, rlimit-nproc, rlimit-fsize, rlimit-memlock, uring-restrictions, cgroup),
+    /// to show that a probe stopped with the layer succeeds without it.
+    #[cfg(feature = "jail-probe")]
+    #[arg(long, value_name = "LAYERS", hide = true, value_delimiter = ',')]
+    pub jail_probe_without: Vec<String>,
 }
 
 /// Why the common flags are not usable.
@@ -47,8 +54,13 @@ pub struct CommonConfig {
     pub seccomp: SeccompMode,
     /// The jailed worker's ids on the host.
     pub ids: Ids,
+    /// Per-worker cgroup limits (none asked: no cgroups are made).
+    pub cgroup_limits: crate::sandbox::cgroup::CgroupLimits,
     /// Test builds: the escape the worker attempts after entering the jail.
     pub jail_probe: Option<String>,
+    /// Test builds: jail layers left out.
+    #[cfg(feature = "jail-probe")]
+    pub jail_probe_without: Vec<String>,
 }
 
 impl TryFrom<CommonArgs> for CommonConfig {
@@ -63,9 +75,12 @@ impl TryFrom<CommonArgs> for CommonConfig {
             listen: a.listen.to_listen_on()?,
             log_level: parse_level(&a.log_level)?,
             ids: a.sandbox.check()?,
+            cgroup_limits: a.sandbox.cgroup_limits()?,
             sandbox: a.sandbox.sandbox,
             seccomp: a.sandbox.seccomp,
             jail_probe,
+            #[cfg(feature = "jail-probe")]
+            jail_probe_without: a.jail_probe_without,
         })
     }
 }

@@ -21,6 +21,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::launch::{Connection, GuestMemHandle};
 use crate::listener::VhostListener;
 use crate::relay::Relay;
+use crate::sandbox::seccomp::{install_thread, signal_rules, Rules, ThreadKind};
+use crate::sandbox::supervisor::EXIT_JAIL_FAILED;
 
 /// What a device runs on SIGTERM before the frontend is cut off.
 pub type Drainer = Box<dyn Fn() + Send>;
@@ -83,7 +85,7 @@ fn signal_set() -> libc::sigset_t {
 
 /// Starts the thread that waits for SIGTERM, SIGINT and SIGHUP (blocked in every thread).
 /// Must be called before any other thread exists.
-fn start_signal_thread(listen_fd: RawFd) -> io::Result<Arc<ShutdownState>> {
+fn start_signal_thread(listen_fd: RawFd, drain_rules: Rules) -> io::Result<Arc<ShutdownState>> {
     let state = Arc::new(ShutdownState {
         requested: AtomicBool::new(false),
         wake: EventFd::new(EFD_NONBLOCK)?,
@@ -108,28 +110,41 @@ fn start_signal_thread(listen_fd: RawFd) -> io::Result<Arc<ShutdownState>> {
     let st = state.clone();
     std::thread::Builder::new()
         .name("signals".into())
-        .spawn(move || loop {
-            let mut sig: libc::c_int = 0;
-            // SAFETY: `set` is initialised and `sig` is a valid out pointer.
-            if unsafe { libc::sigwait(&set, &mut sig) } != 0 {
-                continue;
+        .spawn(move || {
+            let rules = signal_rules(std::process::id(), drain_rules);
+            if let Err(e) = install_thread(ThreadKind::Signals, rules) {
+                // Without its filter the thread must not run: stop the worker now.
+                log::error!("signal thread: {e}");
+                std::process::exit(EXIT_JAIL_FAILED);
             }
-            info!("signal {sig} received, shutting down");
-            st.requested.store(true, Ordering::SeqCst);
-            let _ = st.wake.write(1);
-            if let Some((h, drain)) = st
-                .connection
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .as_ref()
-            {
-                if let Some(d) = drain {
-                    d();
-                }
-                h.shutdown();
-            }
+            signal_loop(&set, &st)
         })?;
     Ok(state)
+}
+
+/// Waits for SIGTERM, SIGINT or SIGHUP, forever.
+fn signal_loop(set: &libc::sigset_t, st: &ShutdownState) {
+    loop {
+        let mut sig: libc::c_int = 0;
+        // SAFETY: `set` is initialised and `sig` is a valid out pointer.
+        if unsafe { libc::sigwait(set, &mut sig) } != 0 {
+            continue;
+        }
+        info!("signal {sig} received, shutting down");
+        st.requested.store(true, Ordering::SeqCst);
+        let _ = st.wake.write(1);
+        if let Some((h, drain)) = st
+            .connection
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .as_ref()
+        {
+            if let Some(d) = drain {
+                d();
+            }
+            h.shutdown();
+        }
+    }
 }
 
 /// Waits until the listener has a connection pending (true) or shutdown was requested (false).
@@ -167,13 +182,15 @@ pub fn serve<B>(
     name: &str,
     listener: &VhostListener,
     relay: Relay,
-    conn: Connection<B>,
+    mut conn: Connection<B>,
     mem: GuestMemHandle,
 ) -> Result<(), ConnectionError>
 where
     B: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
 {
-    let st = start_signal_thread(listener.raw_fd()).map_err(ConnectionError::Signals)?;
+    let drain_rules = std::mem::take(&mut conn.drain_rules);
+    let st =
+        start_signal_thread(listener.raw_fd(), drain_rules).map_err(ConnectionError::Signals)?;
     info!("ready; waiting for a frontend");
     let frontend = loop {
         if !wait_for_connection(&st)? {

@@ -73,11 +73,14 @@ pub struct Connection<B> {
     pub watch: Vec<Watch>,
     /// Runs on SIGTERM, before the frontend is cut off: completes what is in flight.
     pub drain: Option<Drainer>,
+    /// What `drain` needs beyond the signal thread's own allow-list
+    /// ([`crate::sandbox::seccomp::signal_rules`]).
+    pub drain_rules: Rules,
     /// Runs when the connection is over (a summary for the log).
     pub finished: Option<Box<dyn FnOnce() + Send>>,
-    /// Test builds: has a pre-made io_uring open a path (the `io-uring-openat` probe).
+    /// Test builds: what the device lends the jail probes (its ring, its backing file).
     #[cfg(feature = "jail-probe")]
-    pub probe_openat: Option<crate::sandbox::probe::UringOpen>,
+    pub probe: crate::sandbox::probe::ProbeKit,
 }
 
 impl<B> Connection<B> {
@@ -89,9 +92,10 @@ impl<B> Connection<B> {
             hook: None,
             watch: Vec::new(),
             drain: None,
+            drain_rules: Vec::new(),
             finished: None,
             #[cfg(feature = "jail-probe")]
-            probe_openat: None,
+            probe: Default::default(),
         }
     }
 }
@@ -153,6 +157,8 @@ pub fn main<D: Device>() -> i32 {
 /// Opens what is privileged and supervises workers until SIGTERM, SIGINT or SIGHUP.
 pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     connection::block_shutdown_signals();
+    #[cfg(feature = "jail-probe")]
+    crate::sandbox::probe::set_without(&common.jail_probe_without);
     // Everything privileged first, before anything a sandbox would forbid.
     let listener = match VhostListener::open(&common.listen) {
         Ok(l) => l,
@@ -176,6 +182,14 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         }
     };
     let limits = dev.limits(&opened);
+    let cgroups = if crate::sandbox::layer_removed("cgroup") {
+        None
+    } else {
+        match crate::sandbox::cgroup::Cgroups::setup(common.cgroup_limits) {
+            Ok(c) => c,
+            Err(e) => return usage(D::NAME, &e),
+        }
+    };
     let jail = JailConfig {
         mode: common.sandbox,
         seccomp: common.seccomp,
@@ -184,6 +198,7 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         nofile: limits.nofile,
         nproc: limits.nproc,
         fsize: limits.fsize,
+        cgroups,
     };
     // Only for syscall names in the supervisor's messages.
     let names = dev.seccomp(&opened, 1);
@@ -209,6 +224,12 @@ fn worker<D: Device>(
     common: &CommonConfig,
     ctx: WorkerCtx,
 ) -> i32 {
+    // One malloc arena for the whole worker. With an arena per thread, glibc reads
+    // /proc/sys/vm/overcommit_memory the first time it shrinks a thread's heap: in the jail
+    // that openat is a seccomp kill (found by the RLIMIT_NPROC layer test, with 100 threads).
+    // The datapath allocates nothing per request, so one arena costs nothing measurable.
+    // SAFETY: mallopt with an integer option, before any other thread exists.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 1) };
     let mem = GuestMemoryAtomic::new(GuestMemoryMmap::new());
     let conn = match dev.build(opened, &mem) {
         Ok(c) => c,
@@ -241,8 +262,7 @@ fn worker<D: Device>(
         // Only the first worker probes, so its replacement shows the device still works;
         // `seccomp-after=N` arms every worker instead.
         if !crate::sandbox::probe::arm_crash(p) && ctx.generation == 1 {
-            let mut open = conn.probe_openat.take();
-            return crate::sandbox::probe::run(p, open.as_mut());
+            return crate::sandbox::probe::run(p, &mut conn.probe);
         }
     }
     #[cfg(not(feature = "jail-probe"))]

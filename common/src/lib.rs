@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod cli;
 pub mod connection;
+pub mod guest;
 pub mod inflight;
 pub mod launch;
 pub mod listener;

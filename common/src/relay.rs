@@ -36,7 +36,8 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use log::debug;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserVringState, MAX_MSG_SIZE,
+    FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion,
+    VhostUserSingleMemoryRegion, VhostUserVringState, MAX_MSG_SIZE,
 };
 use vhost::vhost_user::Listener;
 use vm_memory::ByteValued;
@@ -251,12 +252,30 @@ impl Msg {
         Self::reply(request, u64::from(!ok).to_le_bytes().to_vec(), Vec::new())
     }
 
+    /// A failed REPLY_ACK for a request code (known to vhost or not).
+    fn nack(code: u32) -> Msg {
+        Msg {
+            request: code,
+            flags: 1 | VhostUserHeaderFlag::REPLY.bits(),
+            payload: 1u64.to_le_bytes().to_vec(),
+            fds: Vec::new(),
+        }
+    }
+
     fn header(&self) -> [u8; HEADER] {
         let mut h = [0u8; HEADER];
         h[0..4].copy_from_slice(&self.request.to_ne_bytes());
         h[4..8].copy_from_slice(&self.flags.to_ne_bytes());
         h[8..12].copy_from_slice(&(self.payload.len() as u32).to_ne_bytes());
         h
+    }
+}
+
+/// A message's request for the log: vhost's name, or the number.
+fn request_name(m: &Msg) -> String {
+    match m.request() {
+        Some(r) => format!("{r:?}"),
+        None => format!("request {}", m.code()),
     }
 }
 
@@ -370,6 +389,152 @@ impl EarlyEnable {
     }
 }
 
+/// What the relay refuses before vhost-user-backend sees it: messages the library would accept
+/// although they break the ring or the worker. Each refusal is logged and, if the frontend
+/// asked for one, answered with a failure; the message is not passed on.
+///
+/// - SET_VRING_NUM of 0 or a size that is not a power of two: virtio-queue ignores such a size
+///   and keeps the old one, so the ring would run with a size the driver did not lay out.
+///   The ring also stays unusable (its SET_VRING_KICK is refused) until a valid size comes.
+/// - SET_VRING_BASE past 0xffff: split rings have 16-bit indices (packed rings are not
+///   offered), and the library would truncate it.
+/// - SET_VRING_KICK/CALL/ERR with an fd that is not an eventfd-like anonymous inode open for
+///   reading and writing (a regular file would stall the queue without a word).
+/// - SET_MEM_TABLE and ADD_MEM_REG whose regions lie beyond their fd's end, or whose fd is not
+///   a regular file (a memfd, a hugetlbfs or tmpfs file): the worker would die of SIGBUS at
+///   the first access.
+#[derive(Default)]
+struct Checks {
+    /// Rings whose last SET_VRING_NUM was refused.
+    no_size: std::collections::BTreeSet<u32>,
+    /// Whether the frontend's memory was found not sealed against shrinking (logged once).
+    unsealed_logged: bool,
+}
+
+/// Bits 0-7 of a SET_VRING_KICK/CALL/ERR payload: the ring; bit 8: no fd (polling).
+const VRING_IDX_MASK: u64 = 0xff;
+const VRING_NOFD: u64 = 0x100;
+
+impl Checks {
+    fn check(&mut self, m: &Msg) -> Result<(), String> {
+        use FrontendReq::*;
+        match m.request() {
+            Some(SET_VRING_NUM) => {
+                let s = m
+                    .payload_as::<VhostUserVringState>()
+                    .ok_or("short payload")?;
+                let (index, num) = (s.index, s.num);
+                if num == 0 || !num.is_power_of_two() {
+                    self.no_size.insert(index);
+                    return Err(format!(
+                        "ring {index} size {num}: a split ring's size is a power of two"
+                    ));
+                }
+                self.no_size.remove(&index);
+                Ok(())
+            }
+            Some(SET_VRING_BASE) => {
+                let s = m
+                    .payload_as::<VhostUserVringState>()
+                    .ok_or("short payload")?;
+                let (index, num) = (s.index, s.num);
+                if num > u32::from(u16::MAX) {
+                    return Err(format!("ring {index} base {num:#x}: indices are 16 bits"));
+                }
+                Ok(())
+            }
+            Some(req @ (SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR)) => {
+                let v = m.payload_as::<u64>().ok_or("short payload")?;
+                let index = (v & VRING_IDX_MASK) as u32;
+                if req == SET_VRING_KICK && self.no_size.contains(&index) {
+                    return Err(format!("ring {index} has no valid size"));
+                }
+                if v & VRING_NOFD != 0 {
+                    return Ok(());
+                }
+                let fd = m.fds.first().ok_or("no fd")?;
+                check_eventfd(fd).map_err(|e| format!("ring {index}: {e}"))
+            }
+            Some(SET_MEM_TABLE) => {
+                let hdr = m.payload_as::<VhostUserMemory>().ok_or("short payload")?;
+                let n = hdr.num_regions as usize;
+                let size = std::mem::size_of::<VhostUserMemoryRegion>();
+                let body = &m.payload[std::mem::size_of::<VhostUserMemory>()..];
+                if n != m.fds.len() || body.len() < n * size {
+                    return Err(format!("{n} regions, {} fds", m.fds.len()));
+                }
+                for (i, fd) in m.fds.iter().enumerate() {
+                    let r = VhostUserMemoryRegion::from_slice(&body[i * size..(i + 1) * size])
+                        .copied()
+                        .ok_or("bad region")?;
+                    self.check_region(fd, r.mmap_offset, r.memory_size)
+                        .map_err(|e| format!("region {i}: {e}"))?;
+                }
+                Ok(())
+            }
+            Some(ADD_MEM_REG) => {
+                let r = m
+                    .payload_as::<VhostUserSingleMemoryRegion>()
+                    .ok_or("short payload")?;
+                let fd = m.fds.first().ok_or("no fd")?;
+                self.check_region(fd, r.mmap_offset, r.memory_size)
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// A guest memory region of `len` bytes at `offset` in `fd`.
+    fn check_region(&mut self, fd: &OwnedFd, offset: u64, len: u64) -> Result<(), String> {
+        let st = fstat(fd).map_err(|e| e.to_string())?;
+        if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+            return Err("not a memfd or regular file".into());
+        }
+        match offset.checked_add(len) {
+            Some(end) if len > 0 && end <= st.st_size as u64 => {}
+            _ => {
+                return Err(format!(
+                    "{len} bytes at offset {offset} of a {}-byte file",
+                    st.st_size
+                ))
+            }
+        }
+        // SAFETY: F_GET_SEALS on an fd we hold; fails (EINVAL) for files that are not memfds.
+        let seals = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GET_SEALS) };
+        if seals >= 0 && seals & libc::F_SEAL_SHRINK == 0 && !self.unsealed_logged {
+            self.unsealed_logged = true;
+            log::warn!(
+                "guest memory is a memfd not sealed against shrinking: a frontend that \
+                 truncates it kills the worker (SIGBUS; the supervisor replaces it)"
+            );
+        }
+        Ok(())
+    }
+}
+
+fn fstat(fd: &OwnedFd) -> io::Result<libc::stat> {
+    // SAFETY: stat is a plain C struct of integers: all-zero is a valid value.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat on an fd we hold, into a struct we own.
+    if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(st)
+}
+
+/// An eventfd is an anonymous inode (no file type) open for reading and writing.
+fn check_eventfd(fd: &OwnedFd) -> Result<(), String> {
+    let st = fstat(fd).map_err(|e| e.to_string())?;
+    // SAFETY: F_GETFL on an fd we hold.
+    let fl = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) };
+    if st.st_mode & libc::S_IFMT != 0 || fl < 0 || fl & libc::O_ACCMODE != libc::O_RDWR {
+        return Err(format!(
+            "the fd is not an eventfd (mode {:o}, flags {fl:#x})",
+            st.st_mode
+        ));
+    }
+    Ok(())
+}
+
 /// Waits until `a` or `b` is readable (or hung up): which ones.
 fn wait_readable(a: &UnixStream, b: &UnixStream) -> io::Result<(bool, bool)> {
     loop {
@@ -391,7 +556,14 @@ fn wait_readable(a: &UnixStream, b: &UnixStream) -> io::Result<(bool, bool)> {
 }
 
 fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hook>>) {
+    use crate::sandbox::seccomp::{install_thread, relay_rules, ThreadKind};
+    if let Err(e) = install_thread(ThreadKind::Relay, relay_rules(std::process::id())) {
+        log::error!("relay: {e}");
+        let _ = frontend.shutdown(std::net::Shutdown::Both);
+        return;
+    }
     let mut early = EarlyEnable::default();
+    let mut checks = Checks::default();
     let r = (|| -> io::Result<()> {
         loop {
             let (from_frontend, from_backend) = wait_readable(&frontend, &backend)?;
@@ -399,6 +571,13 @@ fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hoo
                 let Some(mut m) = read_msg(&frontend)? else {
                     return Ok(());
                 };
+                if let Err(why) = checks.check(&m) {
+                    log::warn!("refused {}: {why}", request_name(&m));
+                    if m.needs_reply() {
+                        write_msg(&frontend, &Msg::nack(m.code()))?;
+                    }
+                    continue;
+                }
                 if let Some(h) = hook.as_mut() {
                     if let Action::Answer(reply) = h.on_frontend(&mut m) {
                         if let Some(r) = reply {

@@ -2,6 +2,7 @@
 //! sockets, and drive them with real frontends.
 
 pub mod frontend;
+pub mod hostile;
 pub mod net_frontend;
 pub mod netns;
 
@@ -26,6 +27,22 @@ pub fn bin_path(name: &str) -> PathBuf {
     assert!(
         p.exists(),
         "{} not built: run `cargo build --workspace --bins` first (scripts/test.sh does)",
+        p.display()
+    );
+    p
+}
+
+/// The test-only build of backend `name` with the `jail-probe` feature (scripts/test.sh makes
+/// it in target/jail-probe), or `VHOSTBOX_PROBE_BIN` for vhostbox-blk.
+pub fn probe_bin(name: &str) -> PathBuf {
+    if let (Ok(p), "vhostbox-blk") = (std::env::var("VHOSTBOX_PROBE_BIN"), name) {
+        return p.into();
+    }
+    let p = repo().join("target/jail-probe/debug").join(name);
+    assert!(
+        p.exists(),
+        "{} missing: build it with `cargo build -p {name} --features jail-probe \
+         --target-dir target/jail-probe` (scripts/test.sh does)",
         p.display()
     );
     p

@@ -19,17 +19,7 @@ use vhostbox_tests::{blk_args, pattern, run_to_exit, sparse_image, Backend};
 const BLK: &str = "vhostbox-blk";
 
 fn probe_bin() -> PathBuf {
-    if let Ok(p) = std::env::var("VHOSTBOX_PROBE_BIN") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/jail-probe/debug/vhostbox-blk");
-    assert!(
-        p.exists(),
-        "{} missing: build it with `cargo build -p vhostbox-blk --features jail-probe \
-         --target-dir target/jail-probe` (scripts/test.sh does)",
-        p.display()
-    );
-    p
+    vhostbox_tests::probe_bin("vhostbox-blk")
 }
 
 fn image(dir: &Path) -> PathBuf {

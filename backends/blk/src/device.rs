@@ -159,11 +159,15 @@ impl BlkBackend {
             .clone()
     }
 
-    /// Jail probe: has queue 0's pre-made io_uring open `path` (its restrictions must refuse).
+    /// Jail probe: an operation on queue 0's pre-made io_uring (its restrictions must
+    /// refuse it).
     #[cfg(feature = "jail-probe")]
-    pub fn probe_openat(&self, path: &std::ffi::CStr) -> io::Result<i32> {
+    pub fn probe_ring(
+        &self,
+        op: vhostbox_common::sandbox::probe::RingProbe<'_>,
+    ) -> io::Result<i32> {
         self.queue(0)
-            .and_then(|mut q| q.probe_openat(path))
+            .and_then(|mut q| q.probe_ring(op))
             .unwrap_or_else(|| Err(io::Error::other("no io_uring on queue 0")))
     }
 

@@ -173,14 +173,24 @@ impl Engine {
         }
     }
 
-    /// Jail probe: submits an OPENAT on this engine's ring (which its restrictions must refuse)
-    /// and returns the completion's result; `None` for the sync engine.
+    /// Jail probe: submits an operation the ring's restrictions must refuse (an OPENAT, or a
+    /// NOP on the fixed file) and returns the completion's result; `None` for the sync engine.
     #[cfg(feature = "jail-probe")]
-    pub fn probe_openat(&mut self, path: &std::ffi::CStr) -> Option<io::Result<i32>> {
+    pub fn probe_ring(
+        &mut self,
+        op: vhostbox_common::sandbox::probe::RingProbe<'_>,
+    ) -> Option<io::Result<i32>> {
+        use vhostbox_common::sandbox::probe::RingProbe;
         let Engine::Uring(u) = self else { return None };
-        let sqe = opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), path.as_ptr())
-            .build()
-            .user_data(u64::MAX);
+        let path = match op {
+            RingProbe::OpenAt(p) => Some(p),
+            RingProbe::Nop => None,
+        };
+        let sqe = match path {
+            Some(p) => opcode::OpenAt::new(types::Fd(libc::AT_FDCWD), p.as_ptr()).build(),
+            None => opcode::Nop::new().build().flags(squeue::Flags::FIXED_FILE),
+        }
+        .user_data(u64::MAX);
         // SAFETY: `path` outlives the wait below, which reaps the operation.
         if unsafe { u.ring.submission().push(&sqe) }.is_err() {
             return Some(Err(io::Error::other("submission queue full")));
@@ -355,7 +365,9 @@ impl UringEngine {
             Restriction::sqe_flags_required(fixed),
             Restriction::sqe_flags_allowed(fixed),
         ];
-        ring.submitter().register_restrictions(&mut res)?;
+        if !vhostbox_common::sandbox::layer_removed("uring-restrictions") {
+            ring.submitter().register_restrictions(&mut res)?;
+        }
         ring.submitter().register_enable_rings()?;
         // SAFETY: fcntl(F_GETFL) has no memory arguments.
         let fl = unsafe { libc::fcntl(fd, libc::F_GETFL) };

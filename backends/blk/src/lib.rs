@@ -156,9 +156,14 @@ impl launch::Device for Blk {
         #[cfg(feature = "jail-probe")]
         if cfg.engine == EngineKind::IoUring && shared.disk.fd().is_some() {
             let b = backend.clone();
-            conn.probe_openat = Some(Box::new(move |path| b.probe_openat(path)));
+            conn.probe.ring = Some(Box::new(move |op| b.probe_ring(op)));
+        }
+        #[cfg(feature = "jail-probe")]
+        {
+            conn.probe.file = shared.disk.fd();
         }
         conn.drain = Some(Box::new(move || backend.shut_down()));
+        conn.drain_rules = seccomp::drain_rules();
         Ok(conn)
     }
 }

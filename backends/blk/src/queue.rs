@@ -12,6 +12,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
+use vhostbox_common::guest;
 use vhostbox_common::inflight::{InflightSlot, QueueTracker};
 use vhostbox_common::launch::GuestMemHandle;
 use vhostbox_common::poll::AdaptivePoll;
@@ -172,10 +173,13 @@ impl BlkQueue {
         self.engine.as_ref().and_then(|e| e.completion_fd())
     }
 
-    /// Jail probe: an OPENAT on this queue's ring; `None` without one.
+    /// Jail probe: an operation on this queue's ring; `None` without one.
     #[cfg(feature = "jail-probe")]
-    pub fn probe_openat(&mut self, path: &std::ffi::CStr) -> Option<io::Result<i32>> {
-        self.engine.as_mut()?.probe_openat(path)
+    pub fn probe_ring(
+        &mut self,
+        op: vhostbox_common::sandbox::probe::RingProbe<'_>,
+    ) -> Option<io::Result<i32>> {
+        self.engine.as_mut()?.probe_ring(op)
     }
 
     /// The queue's kick (`completions` false) or its engine's completion eventfd (true)
@@ -329,14 +333,18 @@ impl BlkQueue {
                 cut = true;
                 break;
             }
-            let Some(chain) = queue.pop_descriptor_chain(&**mem) else {
+            // virtio-queue takes the head from the avail ring; the chain is read with
+            // HeadChain, the same rules as virtio-queue's DescriptorChain at half the
+            // instructions per descriptor (docs/architecture.md, "Descriptor chains").
+            let Some(head) = queue.pop_descriptor_chain(&**mem).map(|c| c.head_index()) else {
                 break;
             };
             popped += 1;
-            let head = chain.head_index();
             if let Some(t) = self.tracker.as_mut() {
                 t.begin(head);
             }
+            let table = GuestAddress(queue.desc_table());
+            let chain = HeadChain::new(mem, table, queue.size(), head);
             let chain = request::read_chain(chain, &mut self.descs);
             used |= self.start(head, chain, queue, mem)?;
         }
@@ -495,7 +503,7 @@ impl BlkQueue {
                 break;
             }
             let table = GuestAddress(queue.desc_table());
-            let chain = HeadChain::new(&**mem, table, queue.size(), head);
+            let chain = HeadChain::new(mem, table, queue.size(), head);
             let chain = request::read_chain(chain, &mut self.descs);
             used |= self.start(head, chain, queue, mem)?;
         }
@@ -654,7 +662,7 @@ impl BlkQueue {
     ) -> io::Result<()> {
         // The address was checked when the chain was parsed; a failure here means the memory
         // table changed under us, and the guest then gets whatever its status byte held.
-        let _ = mem.write_obj(status, status_addr);
+        let _ = guest::write_u8(mem, status_addr, status);
         self.publish(queue, mem, head, used_len)
     }
 
@@ -702,7 +710,7 @@ impl BlkQueue {
             max_segments: MAX_SEGMENTS,
         };
         let segs = std::mem::take(&mut self.segs);
-        let mut parsed = request::parse(&**mem, &self.descs, &limits, segs);
+        let mut parsed = request::parse(mem, &self.descs, &limits, segs);
         // The frontend may have added a region (and had it acknowledged) after this pass
         // loaded its view and before it queued the request: look again in the current one.
         let fresh = match &parsed {
@@ -710,7 +718,7 @@ impl BlkQueue {
             _ => None,
         };
         if let Some(m) = &fresh {
-            parsed = request::parse(&**m, &self.descs, &limits, Vec::new());
+            parsed = request::parse(m, &self.descs, &limits, Vec::new());
         }
         let mem = fresh.as_ref().unwrap_or(mem);
         let (err, status): (&dyn std::fmt::Display, _) = match (&parsed, &chain) {
@@ -806,13 +814,13 @@ impl BlkQueue {
             self.note_error(format_args!("discard/write-zeroes on a read-only device"));
             return VIRTIO_BLK_S_IOERR;
         }
-        let Ok(segments) = request::read_discard_segments(mem, req) else {
-            return VIRTIO_BLK_S_IOERR;
+        let segments = match request::read_discard_segments(mem, req, MAX_DISCARD_SEGMENTS) {
+            Ok(s) => s,
+            Err(e) => {
+                self.note_error(format_args!("discard/write-zeroes: {e}"));
+                return VIRTIO_BLK_S_IOERR;
+            }
         };
-        if segments.len() > MAX_DISCARD_SEGMENTS as usize {
-            self.note_error(format_args!("{} discard segments", segments.len()));
-            return VIRTIO_BLK_S_IOERR;
-        }
         let capacity = self.shared.disk.sectors();
         // Validate every segment before touching the disk: a bad request changes nothing.
         for s in &segments {
@@ -879,6 +887,13 @@ impl BlkQueue {
         slot.iov.clear();
         let mut bad = false;
         for s in data.unwrap_or(&[]) {
+            if let Some(vs) = guest::slice(mem, s.addr, s.len as usize) {
+                slot.iov.push(libc::iovec {
+                    iov_base: vs.ptr_guard_mut().as_ptr().cast(),
+                    iov_len: vs.len(),
+                });
+                continue;
+            }
             for vs in mem.get_slices(s.addr, s.len as usize) {
                 match vs {
                     Ok(vs) => slot.iov.push(libc::iovec {
@@ -938,6 +953,12 @@ impl Drop for BlkQueue {
 
 fn zero_fill(mem: &GuestMem, data: &[Segment]) -> Result<(), ()> {
     for s in data {
+        if let Some(vs) = guest::slice(mem, s.addr, s.len as usize) {
+            // SAFETY: the slice lies in guest memory (one region); writing zeros there is
+            // exactly what a read of the null device does.
+            unsafe { std::ptr::write_bytes(vs.ptr_guard_mut().as_ptr(), 0, vs.len()) };
+            continue;
+        }
         for vs in mem.get_slices(s.addr, s.len as usize) {
             let vs = vs.map_err(|_| ())?;
             // SAFETY: the slice was checked to lie in guest memory; writing zeros there is

@@ -6,11 +6,11 @@
 //! any way, so nothing here assumes one descriptor per part. Every way a chain can be wrong is
 //! a [`RequestError`]; if the chain still has a status byte, the guest gets IOERR.
 
-use std::io;
-
+use vhostbox_common::guest;
+use vhostbox_common::launch::GuestMem;
 use virtio_bindings::virtio_blk as vb;
 use virtio_queue::desc::split::Descriptor;
-use vm_memory::{Address, Bytes, GuestAddress, GuestMemory, GuestMemoryBackend};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 pub use virtio_bindings::virtio_blk::{
     VIRTIO_BLK_T_DISCARD, VIRTIO_BLK_T_FLUSH, VIRTIO_BLK_T_GET_ID, VIRTIO_BLK_T_IN,
@@ -169,8 +169,8 @@ pub fn read_chain(
 /// follows the same rules as virtio-queue's: at most `queue_size` descriptors (the table's size
 /// inside an indirect one), no indirect descriptor inside an indirect table, an indirect table
 /// a multiple of 16 bytes, at most 4 GiB in all; it ends where one is broken.
-pub struct HeadChain<'a, M: ?Sized> {
-    mem: &'a M,
+pub struct HeadChain<'a> {
+    mem: &'a GuestMem,
     table: GuestAddress,
     size: u16,
     next: u16,
@@ -179,8 +179,8 @@ pub struct HeadChain<'a, M: ?Sized> {
     bytes: u32,
 }
 
-impl<'a, M: GuestMemory + ?Sized> HeadChain<'a, M> {
-    pub fn new(mem: &'a M, table: GuestAddress, queue_size: u16, head: u16) -> Self {
+impl<'a> HeadChain<'a> {
+    pub fn new(mem: &'a GuestMem, table: GuestAddress, queue_size: u16, head: u16) -> Self {
         HeadChain {
             mem,
             table,
@@ -193,7 +193,7 @@ impl<'a, M: GuestMemory + ?Sized> HeadChain<'a, M> {
     }
 }
 
-impl<M: GuestMemory + ?Sized> Iterator for HeadChain<'_, M> {
+impl Iterator for HeadChain<'_> {
     type Item = Descriptor;
 
     fn next(&mut self) -> Option<Descriptor> {
@@ -201,7 +201,14 @@ impl<M: GuestMemory + ?Sized> Iterator for HeadChain<'_, M> {
             return None;
         }
         let at = self.table.checked_add(u64::from(self.next) * 16)?;
-        let d: Descriptor = self.mem.read_obj(at).ok()?;
+        let mut raw = [0u8; 16];
+        guest::read(self.mem, at, &mut raw)?;
+        let d = Descriptor::new(
+            u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
+            u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
+            u16::from_le_bytes([raw[12], raw[13]]),
+            u16::from_le_bytes([raw[14], raw[15]]),
+        );
         if d.refers_to_indirect_table() {
             let entries = d.len() / 16;
             if self.indirect
@@ -236,14 +243,14 @@ pub struct Limits {
     pub max_segments: usize,
 }
 
-fn range_ok<M: GuestMemory + GuestMemoryBackend + ?Sized>(mem: &M, addr: u64, len: u64) -> bool {
+fn range_ok(mem: &GuestMem, addr: u64, len: u64) -> bool {
     if len == 0 {
         return true;
     }
     let Some(_end) = addr.checked_add(len - 1) else {
         return false;
     };
-    GuestMemoryBackend::check_range(mem, GuestAddress(addr), len as usize)
+    guest::contains(mem, GuestAddress(addr), len as usize)
 }
 
 impl RequestError {
@@ -258,49 +265,141 @@ impl RequestError {
 
 /// Parses a chain. `descs` holds the chain's descriptors in order; `data` is a scratch vector
 /// that becomes the request's segment list (cleared first; its capacity is reused).
-pub fn parse<M>(mem: &M, descs: &[Desc], limits: &Limits, mut data: Vec<Segment>) -> ParseResult
-where
-    M: GuestMemory + GuestMemoryBackend + ?Sized,
-{
+///
+/// Kept in one piece on purpose: it runs for every request, and split into helpers it measured
+/// slower (more instructions per request in callgrind, lower IOPS on the null device).
+pub fn parse(
+    mem: &GuestMem,
+    descs: &[Desc],
+    limits: &Limits,
+    mut data: Vec<Segment>,
+) -> ParseResult {
     data.clear();
     // Split point: readable descriptors, then writable ones.
     let first_w = descs.iter().position(|d| d.write).unwrap_or(descs.len());
     let (readable, writable) = descs.split_at(first_w);
-    let status = status_byte(mem, writable).ok_or((RequestError::NoStatus, None))?;
+
+    // Status: the last byte of the last descriptor, which must be device-writable (the
+    // device must not write into a device-readable buffer: virtio 1.2, 2.7.5.1).
+    let status = match writable
+        .iter()
+        .rev()
+        .find(|d| d.len > 0)
+        .filter(|d| d.write)
+    {
+        Some(d) => {
+            let a = d.addr.checked_add(u64::from(d.len) - 1);
+            match a {
+                Some(a) if range_ok(mem, a, 1) => GuestAddress(a),
+                _ => return Err((RequestError::NoStatus, None)),
+            }
+        }
+        None => return Err((RequestError::NoStatus, None)),
+    };
     let fail = |e| Err((e, Some(status)));
     if writable.iter().any(|d| !d.write) {
         return fail(RequestError::ReadableAfterWritable);
     }
-    let (ty, sector, data_start) = match header(mem, readable) {
-        Ok(h) => h,
-        Err(e) => return fail(e),
-    };
+
+    // Header: the first 16 readable bytes, possibly spread over descriptors.
     let readable_len: u64 = readable.iter().map(|d| u64::from(d.len)).sum();
+    if readable_len < HEADER_BYTES {
+        return fail(RequestError::HeaderTooShort(readable_len));
+    }
+    let mut hdr = [0u8; HEADER_BYTES as usize];
+    let mut got = 0usize;
+    let mut data_start: Option<(usize, u64)> = None; // (desc index, offset) of the first data byte
+    for (i, d) in readable.iter().enumerate() {
+        let take = (hdr.len() - got).min(d.len as usize);
+        if take > 0 {
+            if guest::read(mem, GuestAddress(d.addr), &mut hdr[got..got + take]).is_none() {
+                return fail(RequestError::HeaderUnreadable);
+            }
+            got += take;
+        }
+        if got == hdr.len() {
+            data_start = Some((i, take as u64));
+            break;
+        }
+    }
+    let ty = RequestType::from_u32(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]));
+    let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
+
+    // Data: the readable bytes after the header, or the writable bytes before the status.
+    let (di, doff) = data_start.expect("header was complete");
     let out_len = readable_len - HEADER_BYTES;
     let writable_len: u64 = writable.iter().map(|d| u64::from(d.len)).sum();
     let in_len = writable_len - 1;
-    let mut segs = Segments {
-        mem,
-        limits,
-        data: &mut data,
+    let push = |data: &mut Vec<Segment>, addr: u64, len: u64| -> Result<(), RequestError> {
+        if len == 0 {
+            return Ok(());
+        }
+        if data.len() >= limits.max_segments {
+            return Err(RequestError::TooManySegments(data.len() + 1));
+        }
+        if !range_ok(mem, addr, len) {
+            return Err(RequestError::BadBuffer);
+        }
+        data.push(Segment {
+            addr: GuestAddress(addr),
+            len: len as u32,
+        });
+        Ok(())
     };
     let data_len = match ty {
-        RequestType::In | RequestType::GetId if out_len != 0 => {
-            return fail(RequestError::WrongDirection(ty))
-        }
-        RequestType::In | RequestType::GetId => segs.writable(writable, in_len).map(|_| in_len),
-        RequestType::Out | RequestType::Discard | RequestType::WriteZeroes if in_len != 0 => {
-            return fail(RequestError::WrongDirection(ty))
+        RequestType::In | RequestType::GetId => {
+            if out_len != 0 {
+                return fail(RequestError::WrongDirection(ty));
+            }
+            let mut left = in_len;
+            for d in writable {
+                let n = u64::from(d.len).min(left);
+                if let Err(e) = push(&mut data, d.addr, n) {
+                    return fail(e);
+                }
+                left -= n;
+            }
+            in_len
         }
         RequestType::Out | RequestType::Discard | RequestType::WriteZeroes => {
-            segs.readable(readable, data_start).map(|_| out_len)
+            if in_len != 0 {
+                return fail(RequestError::WrongDirection(ty));
+            }
+            for (i, d) in readable.iter().enumerate().skip(di) {
+                let off = if i == di { doff } else { 0 };
+                if let Err(e) = push(&mut data, d.addr + off, u64::from(d.len) - off) {
+                    return fail(e);
+                }
+            }
+            out_len
         }
-        RequestType::Flush | RequestType::Unsupported(_) => Ok(0),
+        RequestType::Flush | RequestType::Unsupported(_) => 0,
     };
-    let data_len = match data_len.and_then(|n| check_len(ty, sector, n, limits)) {
-        Ok(n) => n,
-        Err(e) => return fail(e),
-    };
+
+    match ty {
+        RequestType::In | RequestType::Out => {
+            if !data_len.is_multiple_of(SECTOR_SIZE) {
+                return fail(RequestError::UnalignedLength(data_len));
+            }
+            let sectors = data_len >> SECTOR_SHIFT;
+            match sector.checked_add(sectors) {
+                Some(end) if end <= limits.capacity_sectors => {}
+                _ => {
+                    return fail(RequestError::OutOfRange {
+                        sector,
+                        sectors,
+                        capacity: limits.capacity_sectors,
+                    })
+                }
+            }
+        }
+        RequestType::Discard | RequestType::WriteZeroes
+            if data_len == 0 || !data_len.is_multiple_of(DISCARD_SEGMENT_BYTES) =>
+        {
+            return fail(RequestError::BadDiscardPayload(data_len));
+        }
+        _ => {}
+    }
     Ok(Request {
         ty,
         sector,
@@ -308,121 +407,6 @@ where
         data_len,
         status,
     })
-}
-
-/// The status byte: the last byte of the last descriptor, which must be device-writable (the
-/// device must not write into a device-readable buffer: virtio 1.2, 2.7.5.1).
-fn status_byte<M>(mem: &M, writable: &[Desc]) -> Option<GuestAddress>
-where
-    M: GuestMemory + GuestMemoryBackend + ?Sized,
-{
-    let d = writable
-        .iter()
-        .rev()
-        .find(|d| d.len > 0)
-        .filter(|d| d.write)?;
-    let a = d.addr.checked_add(u64::from(d.len) - 1)?;
-    range_ok(mem, a, 1).then_some(GuestAddress(a))
-}
-
-/// The header: the first 16 readable bytes, possibly spread over descriptors. Returns the
-/// type, the sector and where the data starts (descriptor index, offset in it).
-fn header<M>(mem: &M, readable: &[Desc]) -> Result<(RequestType, u64, (usize, u64)), RequestError>
-where
-    M: GuestMemory + GuestMemoryBackend + ?Sized,
-{
-    let readable_len: u64 = readable.iter().map(|d| u64::from(d.len)).sum();
-    if readable_len < HEADER_BYTES {
-        return Err(RequestError::HeaderTooShort(readable_len));
-    }
-    let mut hdr = [0u8; HEADER_BYTES as usize];
-    let mut got = 0usize;
-    for (i, d) in readable.iter().enumerate() {
-        let take = (hdr.len() - got).min(d.len as usize);
-        if take > 0 {
-            mem.read_slice(&mut hdr[got..got + take], GuestAddress(d.addr))
-                .map_err(|_| RequestError::HeaderUnreadable)?;
-            got += take;
-        }
-        if got == hdr.len() {
-            let ty = RequestType::from_u32(u32::from_le_bytes([hdr[0], hdr[1], hdr[2], hdr[3]]));
-            let sector = u64::from_le_bytes(hdr[8..16].try_into().expect("8 bytes"));
-            return Ok((ty, sector, (i, take as u64)));
-        }
-    }
-    unreachable!("readable_len covers the header")
-}
-
-/// Collects data segments, each checked to lie in guest memory, at most `max_segments`.
-struct Segments<'a, M: ?Sized> {
-    mem: &'a M,
-    limits: &'a Limits,
-    data: &'a mut Vec<Segment>,
-}
-
-impl<M: GuestMemory + GuestMemoryBackend + ?Sized> Segments<'_, M> {
-    fn push(&mut self, addr: u64, len: u64) -> Result<(), RequestError> {
-        if len == 0 {
-            return Ok(());
-        }
-        if self.data.len() >= self.limits.max_segments {
-            return Err(RequestError::TooManySegments(self.data.len() + 1));
-        }
-        if !range_ok(self.mem, addr, len) {
-            return Err(RequestError::BadBuffer);
-        }
-        self.data.push(Segment {
-            addr: GuestAddress(addr),
-            len: len as u32,
-        });
-        Ok(())
-    }
-
-    /// The writable bytes before the status byte (`len` of them).
-    fn writable(&mut self, writable: &[Desc], mut len: u64) -> Result<(), RequestError> {
-        for d in writable {
-            let n = u64::from(d.len).min(len);
-            self.push(d.addr, n)?;
-            len -= n;
-        }
-        Ok(())
-    }
-
-    /// The readable bytes after the header, from `start` (descriptor index, offset).
-    fn readable(&mut self, readable: &[Desc], start: (usize, u64)) -> Result<(), RequestError> {
-        let (di, doff) = start;
-        for (i, d) in readable.iter().enumerate().skip(di) {
-            let off = if i == di { doff } else { 0 };
-            self.push(d.addr + off, u64::from(d.len) - off)?;
-        }
-        Ok(())
-    }
-}
-
-/// Checks the data length of a request of type `ty` at `sector`.
-fn check_len(ty: RequestType, sector: u64, len: u64, limits: &Limits) -> Result<u64, RequestError> {
-    match ty {
-        RequestType::In | RequestType::Out => {
-            if !len.is_multiple_of(SECTOR_SIZE) {
-                return Err(RequestError::UnalignedLength(len));
-            }
-            let sectors = len >> SECTOR_SHIFT;
-            match sector.checked_add(sectors) {
-                Some(end) if end <= limits.capacity_sectors => Ok(len),
-                _ => Err(RequestError::OutOfRange {
-                    sector,
-                    sectors,
-                    capacity: limits.capacity_sectors,
-                }),
-            }
-        }
-        RequestType::Discard | RequestType::WriteZeroes
-            if len == 0 || !len.is_multiple_of(DISCARD_SEGMENT_BYTES) =>
-        {
-            Err(RequestError::BadDiscardPayload(len))
-        }
-        _ => Ok(len),
-    }
 }
 
 /// One segment of a discard or write-zeroes payload.
@@ -433,24 +417,47 @@ pub struct DiscardSegment {
     pub flags: u32,
 }
 
-/// Reads the discard/write-zeroes segments of a request.
-pub fn read_discard_segments<M>(mem: &M, req: &Request) -> io::Result<Vec<DiscardSegment>>
-where
-    M: GuestMemory + GuestMemoryBackend + ?Sized,
-{
-    let mut raw = vec![0u8; req.data_len as usize];
-    let mut off = 0usize;
-    for s in &req.data {
-        mem.read_slice(&mut raw[off..off + s.len as usize], s.addr)
-            .map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
-        off += s.len as usize;
+/// Why a discard/write-zeroes payload cannot be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DiscardError {
+    #[error("{0} segments, more than the {1} the device offers")]
+    TooMany(u64, u32),
+    #[error("payload not in guest memory")]
+    Unreadable,
+}
+
+/// Reads the discard/write-zeroes segments of a request, at most `max` of them. The count
+/// comes from the request's (guest-chosen) data length and is checked before anything is
+/// read or allocated: one request can never cost more than `max` segments of memory.
+pub fn read_discard_segments(
+    mem: &GuestMem,
+    req: &Request,
+    max: u32,
+) -> Result<Vec<DiscardSegment>, DiscardError> {
+    let count = req.data_len / DISCARD_SEGMENT_BYTES;
+    if count > u64::from(max) {
+        return Err(DiscardError::TooMany(count, max));
     }
-    Ok(raw
-        .chunks_exact(DISCARD_SEGMENT_BYTES as usize)
-        .map(|c| DiscardSegment {
-            sector: u64::from_le_bytes(c[0..8].try_into().expect("8 bytes")),
-            num_sectors: u32::from_le_bytes(c[8..12].try_into().expect("4 bytes")),
-            flags: u32::from_le_bytes(c[12..16].try_into().expect("4 bytes")),
-        })
-        .collect())
+    let mut raw = [0u8; DISCARD_SEGMENT_BYTES as usize];
+    let mut fill = 0usize;
+    let mut out = Vec::with_capacity(count as usize);
+    for s in &req.data {
+        let mut at = s.addr;
+        let mut left = s.len as usize;
+        while left > 0 {
+            let n = (raw.len() - fill).min(left);
+            mem.read_slice(&mut raw[fill..fill + n], at)
+                .map_err(|_| DiscardError::Unreadable)?;
+            (fill, left, at) = (fill + n, left - n, GuestAddress(at.0 + n as u64));
+            if fill == raw.len() {
+                out.push(DiscardSegment {
+                    sector: u64::from_le_bytes(raw[0..8].try_into().expect("8 bytes")),
+                    num_sectors: u32::from_le_bytes(raw[8..12].try_into().expect("4 bytes")),
+                    flags: u32::from_le_bytes(raw[12..16].try_into().expect("4 bytes")),
+                });
+                fill = 0;
+            }
+        }
+    }
+    Ok(out)
 }

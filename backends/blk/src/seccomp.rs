@@ -62,3 +62,13 @@ pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
     }
     r
 }
+
+/// What the signal thread needs to drain the queues on SIGTERM (its own list is common's
+/// `signal_rules`): waiting for the rings' completions.
+pub fn drain_rules() -> Rules {
+    vec![allow(
+        libc::SYS_io_uring_enter,
+        "io_uring_enter",
+        "io-uring engine: waiting for the requests in flight at SIGTERM",
+    )]
+}

@@ -17,6 +17,7 @@
 //!
 //! Nothing here silently downgrades: a missing kernel feature is an error that names it.
 
+pub mod cgroup;
 pub mod seccomp;
 pub mod supervisor;
 
@@ -28,6 +29,18 @@ use std::io;
 use std::os::fd::RawFd;
 
 use log::warn;
+
+/// Whether this test build leaves `layer` out (`--jail-probe-without`); never in a product
+/// build.
+pub fn layer_removed(layer: &str) -> bool {
+    #[cfg(feature = "jail-probe")]
+    return probe::without(layer);
+    #[cfg(not(feature = "jail-probe"))]
+    {
+        let _ = layer;
+        false
+    }
+}
 
 /// How the worker is isolated.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -70,6 +83,19 @@ pub struct SandboxArgs {
     /// as root, else the invoking user, in both cases without any capability.
     #[arg(long, value_name = "USER")]
     pub user: Option<String>,
+
+    /// Put each worker in a cgroup of its own with this memory limit (SIZE with K, M, G
+    /// suffixes); the supervisor's cgroup must be delegated to it (cgroup v2, or v1).
+    #[arg(long, value_name = "SIZE")]
+    pub memory_max: Option<String>,
+
+    /// Each worker's cgroup allows at most N tasks (threads, io_uring workers included).
+    #[arg(long, value_name = "N")]
+    pub pids_max: Option<u64>,
+
+    /// Each worker's cgroup gets this CPU weight (1-10000; 100 is the default share).
+    #[arg(long, value_name = "W")]
+    pub cpu_weight: Option<u64>,
 }
 
 /// Why `--user` or `--sandbox` cannot work for this invoker.
@@ -85,9 +111,34 @@ pub enum UserError {
     NotRoot(String, u32),
     #[error("--sandbox chroot needs root (chroot and setuid); use --sandbox namespace")]
     ChrootNeedsRoot,
+    #[error("--memory-max")]
+    MemoryMax(#[source] crate::size::SizeError),
+    #[error("--cpu-weight {0} is out of range 1-10000")]
+    CpuWeight(u64),
+    #[error("--pids-max 0: a worker needs tasks")]
+    PidsMax,
 }
 
 impl SandboxArgs {
+    /// The per-worker cgroup limits asked for.
+    pub fn cgroup_limits(&self) -> Result<cgroup::CgroupLimits, UserError> {
+        let memory_max = match &self.memory_max {
+            Some(s) => Some(crate::size::parse_size(s).map_err(UserError::MemoryMax)?),
+            None => None,
+        };
+        if let Some(w) = self.cpu_weight.filter(|w| !(1..=10000).contains(w)) {
+            return Err(UserError::CpuWeight(w));
+        }
+        if self.pids_max == Some(0) {
+            return Err(UserError::PidsMax);
+        }
+        Ok(cgroup::CgroupLimits {
+            memory_max,
+            pids_max: self.pids_max,
+            cpu_weight: self.cpu_weight,
+        })
+    }
+
     /// Resolves `--user` and checks that the mode can work for this invoker.
     pub fn check(&self) -> Result<Ids, UserError> {
         let ids = resolve_user(self.user.as_deref())?;
@@ -180,6 +231,8 @@ pub struct JailConfig {
     pub nproc: u64,
     /// RLIMIT_FSIZE: largest file offset the worker may write (the image size).
     pub fsize: u64,
+    /// Where each worker's cgroup goes, if limits were asked for.
+    pub cgroups: Option<cgroup::Cgroups>,
 }
 
 /// Why the jail could not be entered. Each names the missing piece.
@@ -591,20 +644,26 @@ pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<
     }
     rearm_parent_death_signal();
     clear_env();
-    set_rlimit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
+    if !layer_removed("rlimit-nofile") {
+        set_rlimit(libc::RLIMIT_NOFILE, cfg.nofile, "RLIMIT_NOFILE")?;
+    }
     // RLIMIT_NPROC counts every task of the uid in its user namespace: in namespace mode that is
     // this worker alone; in chroot mode other processes of the same host uid (other backends
     // running as nobody) would count too, so it is left alone there.
-    if cfg.mode == SandboxMode::Namespace {
+    if cfg.mode == SandboxMode::Namespace && !layer_removed("rlimit-nproc") {
         set_rlimit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
     }
-    set_rlimit(libc::RLIMIT_FSIZE, cfg.fsize, "RLIMIT_FSIZE")?;
+    if !layer_removed("rlimit-fsize") {
+        set_rlimit(libc::RLIMIT_FSIZE, cfg.fsize, "RLIMIT_FSIZE")?;
+    }
     // A write past RLIMIT_FSIZE then fails with EFBIG (the guest gets IOERR) instead of killing
     // the worker with SIGXFSZ.
     // SAFETY: setting a signal's disposition to SIG_IGN.
     unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
     set_rlimit(libc::RLIMIT_CORE, 0, "RLIMIT_CORE")?;
-    set_rlimit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
+    if !layer_removed("rlimit-memlock") {
+        set_rlimit(libc::RLIMIT_MEMLOCK, 0, "RLIMIT_MEMLOCK")?;
+    }
     keep_capabilities(0)?;
     // SAFETY: prctl with integer arguments.
     unsafe {
@@ -612,11 +671,16 @@ pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<
             "no_new_privs",
             libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) as libc::c_long,
         )?;
+        // Left out (test builds), the worker is made dumpable outright: it would otherwise
+        // stay non-dumpable from the supervisor and from the id change.
+        let dumpable = libc::c_ulong::from(layer_removed("dumpable"));
         step(
             "PR_SET_DUMPABLE",
-            libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) as libc::c_long,
+            libc::prctl(libc::PR_SET_DUMPABLE, dumpable, 0, 0, 0) as libc::c_long,
         )?;
     }
-    landlock()?;
+    if !layer_removed("landlock") {
+        landlock()?;
+    }
     seccomp::install(cfg.seccomp, rules)
 }

@@ -3,9 +3,13 @@
 //! on its log as `PROBE <name>: failed (<why>)` or `PROBE <name>: SUCCEEDED`. An attempt that
 //! seccomp forbids never reports: the worker is killed and the supervisor logs the syscall.
 //!
-//! Probes (`--jail-probe NAME[=ARG]`): `open-passwd`, `open-old-root=PATH`, `exec-sh`,
-//! `socket-inet`, `socket-netlink`, `kill=PID`, `ptrace=PID`, `mount`, `setuid-root`,
-//! `io-uring-setup`, `io-uring-openat`, `mprotect-exec`, `mmap-exec`.
+//! Probes (`--jail-probe NAME[=ARG]`): `open-passwd`, `open-old-root=PATH`, `open-root`,
+//! `exec-sh`, `socket-inet`, `socket-netlink`, `tcp-connect=PORT`, `kill=PID`, `ptrace=PID`,
+//! `mount`, `setuid-root`, `io-uring-setup`, `io-uring-openat`, `io-uring-nop`,
+//! `mprotect-exec`, `mmap-exec`, `nofile=N`, `threads=N`, `mlock`, `fsize=OFFSET`, `alloc=MIB`.
+//!
+//! `--jail-probe-without LAYER,...` leaves single layers out, so that a test can show a probe
+//! that fails under the whole jail succeeding without the one layer that stopped it.
 //!
 //! One probe fires while serving instead: `seccomp-after=N` makes every worker serve normally
 //! and, after a random number of requests between N/2 and 3N/2, call socket(AF_INET) from the
@@ -72,20 +76,68 @@ fn open(path: &str) -> io::Result<libc::c_long> {
     check(unsafe { libc::open(p.as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) } as libc::c_long)
 }
 
+fn count_arg(arg: Option<&str>) -> io::Result<u64> {
+    arg.and_then(|a| a.parse().ok())
+        .ok_or_else(|| io::Error::other("this probe needs =N"))
+}
+
+/// A TCP connection to 127.0.0.1:`port` (Landlock's network rules refuse it).
+fn tcp_connect(port: u16) -> io::Result<String> {
+    std::net::TcpStream::connect(("127.0.0.1", port)).map(|s| {
+        let local = s.local_addr().map(|a| a.to_string()).unwrap_or_default();
+        std::mem::forget(s);
+        format!("connected from {local}")
+    })
+}
+
 fn pid_arg(arg: Option<&str>) -> io::Result<libc::pid_t> {
     arg.and_then(|a| a.parse().ok())
         .ok_or_else(|| io::Error::other("this probe needs =PID"))
 }
 
-/// Submits an OPENAT of a path on a ring the device made before the jail; returns the fd.
-pub type UringOpen = Box<dyn FnMut(&CStr) -> io::Result<i32>>;
+/// An operation for the device's pre-made io_uring, which its restrictions must refuse.
+pub enum RingProbe<'a> {
+    /// IORING_OP_OPENAT of a path.
+    OpenAt(&'a CStr),
+    /// IORING_OP_NOP on the fixed file: not among the allowed opcodes, and it needs no file,
+    /// so only the ring's restrictions can refuse it (with EACCES).
+    Nop,
+}
+
+/// Submits an operation on the device's ring and returns the completion's result.
+pub type UringProbe = Box<dyn FnMut(RingProbe<'_>) -> io::Result<i32>>;
+
+/// What a device lends the probes.
+#[derive(Default)]
+pub struct ProbeKit {
+    /// Its pre-made io_uring, if it has one.
+    pub ring: Option<UringProbe>,
+    /// Its backing file, if it has one (the RLIMIT_FSIZE probe writes past the limit).
+    pub file: Option<std::os::fd::RawFd>,
+}
+
+/// The jail layers this test build leaves out (`--jail-probe-without`).
+static WITHOUT: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+
+/// Records the layers to leave out; before any worker starts.
+pub fn set_without(layers: &[String]) {
+    if !layers.is_empty() {
+        log::warn!("PROBE: jail layers left out: {}", layers.join(", "));
+    }
+    let _ = WITHOUT.set(layers.to_vec());
+}
+
+/// Whether `layer` is to be left out.
+pub fn without(layer: &str) -> bool {
+    WITHOUT.get().is_some_and(|v| v.iter().any(|l| l == layer))
+}
 
 /// Runs probe `spec` in the jailed worker. `uring_openat` opens a path through the device's
 /// ring (`None` if it has none). Returns the worker's exit code.
 ///
 /// Kept whole on purpose: one match arm per probe, each a few lines of the attempt itself,
 /// reads as the list of attacks it is.
-pub fn run(spec: &str, uring_openat: Option<&mut UringOpen>) -> i32 {
+pub fn run(spec: &str, kit: &mut ProbeKit) -> i32 {
     let (name, arg) = match spec.split_once('=') {
         Some((n, a)) => (n, Some(a)),
         None => (spec, None),
@@ -154,9 +206,60 @@ pub fn run(spec: &str, uring_openat: Option<&mut UringOpen>) -> i32 {
             check(unsafe { libc::syscall(libc::SYS_io_uring_setup, 8u32, p.as_mut_ptr()) })
                 .map(|fd| format!("fd {fd}"))
         }
-        "io-uring-openat" => match uring_openat {
-            Some(open) => open(passwd).map(|fd| format!("fd {fd}")),
+        "io-uring-openat" | "io-uring-nop" => match kit.ring.as_mut() {
+            Some(ring) if name == "io-uring-nop" => {
+                ring(RingProbe::Nop).map(|r| format!("result {r}"))
+            }
+            Some(ring) => ring(RingProbe::OpenAt(passwd)).map(|fd| format!("fd {fd}")),
             None => Err(io::Error::other("no io_uring in this configuration")),
+        },
+        "tcp-connect" => arg
+            .and_then(|a| a.parse::<u16>().ok())
+            .ok_or_else(|| io::Error::other("needs =PORT"))
+            .and_then(tcp_connect),
+        "open-root" => {
+            // SAFETY: a valid NUL-terminated path; the fd, if any, is leaked on purpose.
+            let fd = unsafe { libc::open(c"/".as_ptr(), libc::O_RDONLY | libc::O_DIRECTORY) };
+            check(fd as libc::c_long).map(|fd| format!("fd {fd}"))
+        }
+        "nofile" => count_arg(arg).and_then(|n| {
+            (0..n)
+                // SAFETY: dup of stderr; the fds are leaked on purpose.
+                .try_for_each(|_| check(unsafe { libc::dup(2) } as libc::c_long).map(|_| ()))
+                .map(|_| format!("{n} fds"))
+        }),
+        "threads" => count_arg(arg).and_then(|n| {
+            let mut held = Vec::new();
+            for i in 0..n {
+                let t = std::thread::Builder::new()
+                    .spawn(std::thread::park)
+                    .map_err(|e| io::Error::new(e.kind(), format!("thread {i}: {e}")))?;
+                held.push(t);
+            }
+            Ok(format!("{n} threads"))
+        }),
+        "alloc" => count_arg(arg).map(|mib| {
+            // Touch every page, so the memory is really the worker's (cgroup memory limit).
+            let mut v: Vec<u8> = Vec::with_capacity((mib as usize) << 20);
+            v.resize((mib as usize) << 20, 1);
+            std::hint::black_box(&v);
+            format!("{mib} MiB touched")
+        }),
+        "mlock" => {
+            let page = [0u8; 4096];
+            // SAFETY: locks a page of our own stack; unlocked when the process ends.
+            check(unsafe { libc::mlock(page.as_ptr().cast(), page.len()) } as libc::c_long)
+                .map(|_| "4 KiB locked".into())
+        }
+        "fsize" => match (kit.file, count_arg(arg)) {
+            (Some(fd), Ok(at)) => {
+                let b = [0u8; 512];
+                // SAFETY: pwrite from a local buffer to the device's backing file.
+                let r = unsafe { libc::pwrite(fd, b.as_ptr().cast(), b.len(), at as libc::off_t) };
+                check(r as libc::c_long).map(|n| format!("{n} bytes at {at}"))
+            }
+            (None, _) => Err(io::Error::other("no backing file in this configuration")),
+            (_, Err(e)) => Err(e),
         },
         "mprotect-exec" | "mmap-exec" => {
             let exec = name == "mmap-exec";

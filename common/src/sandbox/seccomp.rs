@@ -80,8 +80,9 @@ pub fn transport_rules(own_pid: u32) -> Rules {
         allow(SYS_epoll_pwait, "epoll_pwait", "the same, on libcs that use epoll_pwait"),
         allow(SYS_eventfd2, "eventfd2", "vhost-user-backend's per-connection events"),
         allow(SYS_close, "close", "fds from the frontend are closed when replaced"),
-        allow_if(SYS_fcntl, "fcntl", "fd flags (non-blocking eventfds) and duplicating the exit eventfd", vec![
+        allow_if(SYS_fcntl, "fcntl", "fd flags (non-blocking eventfds), the seals of a frontend's memory (relay), duplicating the in-flight memfd", vec![
             vec![Arg::Eq(1, F_GETFL as u64)],
+            vec![Arg::Eq(1, F_GET_SEALS as u64)],
             vec![Arg::Eq(1, F_SETFL as u64)],
             vec![Arg::Eq(1, F_GETFD as u64)],
             vec![Arg::Eq(1, F_SETFD as u64)],
@@ -121,7 +122,184 @@ pub fn transport_rules(own_pid: u32) -> Rules {
         allow_if(SYS_tgkill, "tgkill", "abort() signals its own thread", vec![vec![Arg::Eq(0, u64::from(own_pid))]]),
         allow(SYS_exit, "exit", "thread exit"),
         allow(SYS_exit_group, "exit_group", "process exit"),
+        allow_if(SYS_seccomp, "seccomp", "the relay and signal threads narrow themselves with a filter of their own (a filter can only take away)", vec![
+            vec![Arg::Eq(0, SECCOMP_SET_MODE_FILTER as u64), Arg::Eq(1, 0)],
+        ]),
     ]
+}
+
+/// The kinds of thread a worker runs, beyond the library's queue and message threads (which
+/// run under the process's whole allow-list). Each installs its own, narrower list on top as
+/// its first action, so a bug in what it parses reaches only what that thread needs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ThreadKind {
+    /// The vhost-user relay: parses every frontend message before the library does.
+    Relay,
+    /// The signal thread: waits for SIGTERM, has the device drain, cuts the frontend off.
+    Signals,
+}
+
+/// What every thread of ours needs to live and die: memory for the heap, locks, the log,
+/// and thread exit.
+fn thread_common(own_pid: u32) -> Rules {
+    use libc::*;
+    let no_exec = |n: u8| vec![vec![Arg::Masked(n, PROT_EXEC as u64, 0)]];
+    vec![
+        allow(SYS_write, "write", "log lines on stderr; eventfds"),
+        allow(SYS_writev, "writev", "log lines on stderr"),
+        allow(SYS_getpid, "getpid", "log lines"),
+        allow(SYS_futex, "futex", "locks shared with the other threads"),
+        allow(SYS_sched_yield, "sched_yield", "spinning locks"),
+        allow_if(
+            SYS_mmap,
+            "mmap",
+            "heap growth; never executable",
+            no_exec(2),
+        ),
+        allow(SYS_munmap, "munmap", "heap; the thread's stack at exit"),
+        allow(SYS_mremap, "mremap", "heap reallocation"),
+        allow(SYS_madvise, "madvise", "heap; the thread's stack at exit"),
+        allow(SYS_brk, "brk", "heap"),
+        allow(
+            SYS_clock_gettime,
+            "clock_gettime",
+            "timeouts (when the vDSO is unavailable)",
+        ),
+        allow(
+            SYS_rt_sigprocmask,
+            "rt_sigprocmask",
+            "glibc blocks signals around thread exit",
+        ),
+        allow(
+            SYS_rt_sigreturn,
+            "rt_sigreturn",
+            "returning from the SIGSYS report handler",
+        ),
+        allow(SYS_restart_syscall, "restart_syscall", "interrupted waits"),
+        allow(
+            SYS_sigaltstack,
+            "sigaltstack",
+            "Rust's stack-overflow guard, removed at exit",
+        ),
+        allow_if(
+            SYS_tgkill,
+            "tgkill",
+            "abort() signals its own thread",
+            vec![vec![Arg::Eq(0, u64::from(own_pid))]],
+        ),
+        allow(SYS_exit, "exit", "thread exit"),
+        allow(SYS_exit_group, "exit_group", "process exit (a panic)"),
+    ]
+}
+
+/// The relay thread's list.
+pub fn relay_rules(own_pid: u32) -> Rules {
+    use libc::*;
+    let mut r = thread_common(own_pid);
+    r.extend([
+        allow(SYS_poll, "poll", "waiting on the frontend and the library"),
+        allow(SYS_ppoll, "ppoll", "the same, on libcs that use ppoll"),
+        allow(SYS_recvmsg, "recvmsg", "messages and their fds"),
+        allow(SYS_sendmsg, "sendmsg", "passing messages and fds on"),
+        allow(SYS_read, "read", "message bodies"),
+        allow(SYS_close, "close", "fds of refused or answered messages"),
+        allow(SYS_shutdown, "shutdown", "ending both sides when one goes away"),
+        allow(SYS_fstat, "fstat", "checking the fds a frontend sends (eventfds, memory)"),
+        allow(SYS_newfstatat, "newfstatat", "the same, via fstatat(fd, \"\", AT_EMPTY_PATH)"),
+        allow(SYS_statx, "statx", "the same, on newer libcs"),
+        allow_if(SYS_fcntl, "fcntl", "access mode and seals of a frontend's fds; close-on-exec on received fds; dup of the in-flight memfd", vec![
+            vec![Arg::Eq(1, F_GETFL as u64)],
+            vec![Arg::Eq(1, F_GET_SEALS as u64)],
+            vec![Arg::Eq(1, F_GETFD as u64)],
+            vec![Arg::Eq(1, F_SETFD as u64)],
+            vec![Arg::Eq(1, F_DUPFD_CLOEXEC as u64)],
+        ]),
+    ]);
+    r
+}
+
+/// The signal thread's list; `drain` is what the device's drain needs (blk: io_uring_enter).
+pub fn signal_rules(own_pid: u32, drain: Rules) -> Rules {
+    use libc::*;
+    let mut r = thread_common(own_pid);
+    r.extend([
+        allow(SYS_rt_sigtimedwait, "rt_sigtimedwait", "sigwait"),
+        allow(SYS_read, "read", "eventfds while draining"),
+        allow(
+            SYS_shutdown,
+            "shutdown",
+            "cutting the frontend's connection off",
+        ),
+    ]);
+    r.extend(drain);
+    r
+}
+
+/// The worker's seccomp mode, for the thread filters (`None` until the jail is entered).
+static MODE: AtomicI32 = AtomicI32::new(-1);
+
+fn set_mode(mode: SeccompMode) {
+    MODE.store(mode as i32, Ordering::Relaxed);
+}
+
+/// Installs `rules` for the calling thread (on top of the process's list, so a syscall must be
+/// on both to pass), in the worker's
+/// seccomp mode. A forbidden syscall traps: the report handler tells the supervisor which one,
+/// then the whole worker dies, as in kill mode (a second notifying listener cannot exist).
+/// Nothing to do outside a jail or with `--seccomp none`.
+pub fn install_thread(kind: ThreadKind, rules: Rules) -> Result<(), JailError> {
+    let mode = MODE.load(Ordering::Relaxed);
+    let mismatch = if mode == SeccompMode::Kill as i32 || mode == SeccompMode::Trap as i32 {
+        SeccompAction::Trap
+    } else if mode == SeccompMode::Log as i32 {
+        SeccompAction::Log
+    } else {
+        return Ok(());
+    };
+    install_sigsys_handler()?;
+    // seccomp(2) directly: seccompiler's apply_filter would first set no_new_privs with a
+    // prctl the process's list does not allow (it is set already).
+    set_filter(build(&rules, mismatch)?, 0)
+        .map(|_| ())
+        .map_err(|e| JailError::Seccomp(format!("{kind:?} thread: {e}")))
+}
+
+/// seccomp(SECCOMP_SET_MODE_FILTER, `flags`, `prog`); no_new_privs must be set already.
+fn set_filter(mut prog: BpfProgram, flags: libc::c_ulong) -> std::io::Result<libc::c_long> {
+    let fprog = libc::sock_fprog {
+        len: prog.len() as u16,
+        filter: prog.as_mut_ptr().cast(),
+    };
+    // SAFETY: seccomp(SET_MODE_FILTER) reads the program through `fprog`, which points into
+    // `prog`, alive for the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_seccomp,
+            libc::SECCOMP_SET_MODE_FILTER,
+            flags,
+            &fprog as *const libc::sock_fprog,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(r)
+}
+
+fn install_sigsys_handler() -> Result<(), JailError> {
+    // SAFETY: installs a handler that only uses async-signal-safe calls.
+    unsafe {
+        let mut sa: libc::sigaction = std::mem::zeroed();
+        sa.sa_sigaction = on_sigsys as *const () as usize;
+        sa.sa_flags = libc::SA_SIGINFO;
+        libc::sigemptyset(&mut sa.sa_mask);
+        if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
+            return Err(JailError::Seccomp(
+                "cannot install the SIGSYS handler".into(),
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// Where the trap handler reports the blocked syscall (-1: nowhere).
@@ -204,19 +382,9 @@ pub fn install(mode: SeccompMode, rules: Rules) -> Result<(), JailError> {
         SeccompMode::Trap => SeccompAction::Trap,
         SeccompMode::Log => SeccompAction::Log,
     };
+    set_mode(mode);
     if mode == SeccompMode::Trap {
-        // SAFETY: installs a handler that only uses async-signal-safe calls.
-        unsafe {
-            let mut sa: libc::sigaction = std::mem::zeroed();
-            sa.sa_sigaction = on_sigsys as *const () as usize;
-            sa.sa_flags = libc::SA_SIGINFO;
-            libc::sigemptyset(&mut sa.sa_mask);
-            if libc::sigaction(libc::SIGSYS, &sa, std::ptr::null_mut()) < 0 {
-                return Err(JailError::Seccomp(
-                    "cannot install the SIGSYS handler".into(),
-                ));
-            }
-        }
+        install_sigsys_handler()?;
     }
     let main = build(&rules, mismatch)?;
     // glibc tries clone3 first; its flags live in memory seccomp cannot read, so make it fail
@@ -265,27 +433,11 @@ fn install_notifying(mut prog: BpfProgram) -> Result<(), JailError> {
             "no supervisor to hand the seccomp listener to".into(),
         ));
     }
-    let fprog = libc::sock_fprog {
-        len: prog.len() as u16,
-        filter: prog.as_mut_ptr().cast(),
-    };
-    // SAFETY: seccomp(SET_MODE_FILTER) reads the program through `fprog`, which points into
-    // `prog`, alive for the call; no_new_privs is already set.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_seccomp,
-            libc::SECCOMP_SET_MODE_FILTER,
-            libc::SECCOMP_FILTER_FLAG_NEW_LISTENER,
-            &fprog as *const libc::sock_fprog,
-        )
-    };
-    if fd < 0 {
-        return Err(JailError::Seccomp(format!(
-            "installing the filter: {}",
-            std::io::Error::last_os_error()
-        )));
-    }
-    let fd = fd as i32;
+    let fd = set_filter(
+        prog,
+        libc::SECCOMP_FILTER_FLAG_NEW_LISTENER as libc::c_ulong,
+    )
+    .map_err(|e| JailError::Seccomp(format!("installing the filter: {e}")))? as i32;
     let sent = send_fd(report, fd);
     // SAFETY: closes the listener fd we own; the supervisor has its own copy now.
     unsafe { libc::close(fd) };

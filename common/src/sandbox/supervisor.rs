@@ -36,6 +36,8 @@ pub enum SupervisorError {
         err: io::Error,
         hint: &'static str,
     },
+    #[error("putting worker {0} in its cgroup")]
+    Cgroup(i32, #[source] super::cgroup::CgroupError),
     #[error("setting up the worker's user namespace: writing /proc/{pid}/{file}")]
     IdMap {
         pid: i32,
@@ -196,6 +198,8 @@ fn push_report(reports: &mut String, bytes: &[u8]) {
 
 struct Child {
     pid: i32,
+    /// Its cgroup, removed when the child is dropped (after it was reaped).
+    _cgroup: Option<super::cgroup::WorkerCgroup>,
     started: Instant,
     /// The worker said it got as far as serving a frontend.
     served: bool,
@@ -579,10 +583,26 @@ fn spawn(
             return Err(e);
         }
     }
+    let cgroup = match jail
+        .cgroups
+        .as_ref()
+        .map(|c| c.add_worker(pid, ctx.generation))
+    {
+        Some(Err(e)) => {
+            // SAFETY: kill/waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+            return Err(SupervisorError::Cgroup(pid, e));
+        }
+        other => other.and_then(Result::ok),
+    };
     // SAFETY: write one byte from a local to our pipe.
     unsafe { libc::write(sync_w.as_raw_fd(), b"g".as_ptr().cast(), 1) };
     Ok(Child {
         pid,
+        _cgroup: cgroup,
         started: Instant::now(),
         served: false,
     })
