@@ -34,6 +34,7 @@ fuzz_target!(|data: &[u8]| {
     let limits = Limits {
         capacity_sectors: 2048,
         max_segments: 1024,
+        max_segment_bytes: 1 << 20,
     };
     if let Ok(req) = request::parse(&mem, &descs, &limits, Vec::new()) {
         // Whatever parses must stay within the device and the chain.

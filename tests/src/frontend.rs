@@ -685,6 +685,14 @@ impl VhostUserDevice {
         vu("GET_CONFIG", r).map(|(_, data)| data)
     }
 
+    /// SET_CONFIG: writes `data` into the config space at `offset`.
+    pub fn set_config(&mut self, offset: u32, data: &[u8]) -> io::Result<()> {
+        let r = self
+            .fe
+            .set_config(offset, VhostUserConfigFlags::WRITABLE, data);
+        vu("SET_CONFIG", r)
+    }
+
     pub fn negotiated_features(&self) -> u64 {
         self.features
     }

@@ -15,13 +15,13 @@ use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use vhostbox_tests::blkreq;
 use vhostbox_tests::frontend::{
     DeviceOptions, VhostUserDevice, Virtqueue, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX,
 };
 use vhostbox_tests::{pattern, sparse_image, Backend};
 
 const QSIZE: u16 = 128;
-const T_OUT: u32 = 1;
 
 fn start(dir: &Path, size: u64) -> (Backend, std::path::PathBuf) {
     start_on(dir, &sparse_image(&dir.join("disk.img"), size))
@@ -70,22 +70,9 @@ fn opts() -> DeviceOptions {
 /// A write of `data` at `sector` as one chain (header, data, status); returns (head, status
 /// address). Not kicked.
 fn add_write(q: &mut Virtqueue, sector: u64, data: &[u8]) -> (u16, u64) {
-    let mem = q.mem().clone();
-    let hdr = mem.alloc(16, 16);
-    let mut h = [0u8; 16];
-    h[0..4].copy_from_slice(&T_OUT.to_le_bytes());
-    h[8..16].copy_from_slice(&sector.to_le_bytes());
-    mem.write(hdr, &h);
-    let buf = mem.alloc(data.len(), 512);
-    mem.write(buf, data);
-    let status = mem.alloc(1, 1);
-    mem.write(status, &[0xff]);
-    let head = q.add(&[
-        (hdr, 16, false),
-        (buf, data.len() as u32, false),
-        (status, 1, true),
-    ]);
-    (head, status)
+    let buf = q.mem().alloc(data.len(), 512);
+    q.mem().write(buf, data);
+    blkreq::add(q, blkreq::T_OUT, sector, &[(buf, data.len() as u32, false)])
 }
 
 fn block(sector: u64, gen: u64) -> Vec<u8> {

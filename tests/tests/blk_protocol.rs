@@ -3,6 +3,7 @@
 //! engines. Data is verified through the frontend and in the image file on the host.
 
 use std::fs;
+use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::time::Duration;
@@ -245,6 +246,19 @@ fn flush_discard_write_zeroes() {
         assert!(host[(3 << 20) + (64 << 10)..5 << 20]
             .iter()
             .all(|&b| b == 0x5a));
+        // The discard reached the file: a hole was punched where it was (a device that
+        // acknowledged discards without doing them would fail here).
+        assert!(host[5 << 20..6 << 20].iter().all(|&b| b == 0), "{engine}");
+        let f = fs::File::open(&img).unwrap();
+        // SAFETY: lseek on an fd we own.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), 5 << 20, libc::SEEK_HOLE) };
+        assert_eq!(hole, 5 << 20, "{engine}: no hole where the discard was");
+        // SAFETY: lseek on an fd we own.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), 5 << 20, libc::SEEK_DATA) };
+        assert!(
+            data >= 6 << 20,
+            "{engine}: data at {data} inside the discarded range"
+        );
     }
 }
 

@@ -6,8 +6,8 @@
 use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::time::Duration;
 
+use vhostbox_tests::blkreq;
 use vhostbox_tests::frontend::{DeviceOptions, VhostUserDevice, VIRTIO_F_VERSION_1};
 use vhostbox_tests::hostile::*;
 use vhostbox_tests::{sparse_image, Backend};
@@ -61,25 +61,15 @@ impl Rig {
             .unwrap_or_else(|e| panic!("{case}: next frontend not served: {e}\n{}", self.be.log()));
         let q = dev.queue(1);
         let mem = q.mem().clone();
-        let req = |q: &mut vhostbox_tests::frontend::Virtqueue, ty: u32, buf: u64, w: bool| {
-            let hdr = mem.alloc(16, 16);
-            let mut h = [0u8; 16];
-            h[0..4].copy_from_slice(&ty.to_le_bytes());
-            h[8..16].copy_from_slice(&sector.to_le_bytes());
-            mem.write(hdr, &h);
-            let st = mem.alloc(1, 1);
-            mem.write(st, &[0xee]);
-            let head = q.add(&[(hdr, 16, false), (buf, 4096, w), (st, 1, true)]);
-            q.kick();
-            let used = q.wait_used(Duration::from_secs(20));
-            assert_eq!(used.map(|u| u.0), Some(head), "{case}");
-            assert_eq!(mem.read_vec(st, 1), vec![0], "{case}: status");
+        let mut req = |ty: u32, buf: u64, w: bool| {
+            let (status, _) = blkreq::run(q, ty, sector, &[(buf, 4096, w)]);
+            assert_eq!(status, blkreq::S_OK, "{case}: status");
         };
         let out = mem.alloc(4096, 512);
         mem.write(out, &data);
-        req(q, 1, out, false);
+        req(blkreq::T_OUT, out, false);
         let back = mem.alloc(4096, 512);
-        req(q, 0, back, true);
+        req(blkreq::T_IN, back, true);
         assert_eq!(mem.read_vec(back, 4096), data, "{case}: read back");
         let mut on_disk = vec![0u8; 4096];
         std::fs::File::open(&self.img)

@@ -23,8 +23,7 @@ use vhostbox_common::launch::GuestMemHandle;
 
 use crate::queue::{BlkQueue, GuestMem, Shared, Vring, MAX_DISCARD_SEGMENTS};
 
-/// Largest single data segment the driver may use (VIRTIO_BLK_F_SIZE_MAX).
-pub const SIZE_MAX: u32 = 1 << 20;
+pub use crate::request::SIZE_MAX;
 
 /// struct virtio_blk_config, as virtio-bindings defines it, to send as bytes.
 #[derive(Clone, Copy, Default)]

@@ -97,6 +97,8 @@ pub enum RequestError {
     BadBuffer,
     #[error("request has {0} segments, more than supported")]
     TooManySegments(usize),
+    #[error("data segment of {0} bytes, more than the advertised SIZE_MAX")]
+    SegmentTooLarge(u64),
     #[error("discard/write-zeroes payload of {0} bytes is malformed")]
     BadDiscardPayload(u64),
 }
@@ -241,7 +243,12 @@ impl Iterator for HeadChain<'_> {
 pub struct Limits {
     pub capacity_sectors: u64,
     pub max_segments: usize,
+    /// The largest data segment (one descriptor's part of the data): SIZE_MAX.
+    pub max_segment_bytes: u32,
 }
+
+/// Largest single data segment the driver may use (VIRTIO_BLK_F_SIZE_MAX, advertised).
+pub const SIZE_MAX: u32 = 1 << 20;
 
 fn range_ok(mem: &GuestMem, addr: u64, len: u64) -> bool {
     if len == 0 {
@@ -336,6 +343,9 @@ pub fn parse(
         }
         if data.len() >= limits.max_segments {
             return Err(RequestError::TooManySegments(data.len() + 1));
+        }
+        if len > u64::from(limits.max_segment_bytes) {
+            return Err(RequestError::SegmentTooLarge(len));
         }
         if !range_ok(mem, addr, len) {
             return Err(RequestError::BadBuffer);
