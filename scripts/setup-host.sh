@@ -50,7 +50,8 @@ if [ "$need_qemu" = 1 ]; then
 fi
 
 pkgs=()
-for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1; do
+# systemd: systemd-socket-activate and systemd-analyze for the service tests (not run as init).
+for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1 systemd; do
     dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
 done
 if [ "$bench" = 1 ]; then

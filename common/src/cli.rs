@@ -3,7 +3,7 @@
 
 use log::LevelFilter;
 
-use crate::listener::{ListenArgs, ListenError, ListenOn};
+use crate::listener::{ListenArgs, ListenError, ListenOn, SocketPerms};
 use crate::logging::{parse_level, LevelError};
 use crate::sandbox::{Ids, SandboxArgs, SandboxMode, SeccompMode, UserError};
 
@@ -49,6 +49,8 @@ pub enum CommonError {
 #[derive(Debug, Clone)]
 pub struct CommonConfig {
     pub listen: ListenOn,
+    /// `--socket-group`, `--socket-mode` for a socket bound here.
+    pub socket_perms: SocketPerms,
     pub log_level: LevelFilter,
     pub sandbox: SandboxMode,
     pub seccomp: SeccompMode,
@@ -73,6 +75,7 @@ impl TryFrom<CommonArgs> for CommonConfig {
         let jail_probe = None;
         Ok(CommonConfig {
             listen: a.listen.to_listen_on()?,
+            socket_perms: a.listen.perms()?,
             log_level: parse_level(&a.log_level)?,
             ids: a.sandbox.check()?,
             cgroup_limits: a.sandbox.cgroup_limits()?,

@@ -21,7 +21,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::launch::{Connection, GuestMemHandle};
 use crate::listener::VhostListener;
 use crate::relay::Relay;
-use crate::sandbox::seccomp::{install_thread, signal_rules, Rules, ThreadKind};
+use crate::sandbox::seccomp::{heartbeat_rules, install_thread, signal_rules, Rules, ThreadKind};
 use crate::sandbox::supervisor::EXIT_JAIL_FAILED;
 
 /// What a device runs on SIGTERM before the frontend is cut off.
@@ -122,6 +122,22 @@ fn start_signal_thread(listen_fd: RawFd, drain_rules: Rules) -> io::Result<Arc<S
     Ok(state)
 }
 
+/// Starts the thread that answers the supervisor's heartbeat (the watchdog's evidence that
+/// this worker is alive), under its own seccomp list.
+fn start_heartbeat_thread() -> io::Result<()> {
+    std::thread::Builder::new()
+        .name("heartbeat".into())
+        .spawn(|| {
+            let rules = heartbeat_rules(std::process::id());
+            if let Err(e) = install_thread(ThreadKind::Heartbeat, rules) {
+                log::error!("heartbeat thread: {e}");
+                std::process::exit(EXIT_JAIL_FAILED);
+            }
+            crate::sandbox::supervisor::answer_heartbeats()
+        })
+        .map(|_| ())
+}
+
 /// Waits for SIGTERM, SIGINT or SIGHUP, forever.
 fn signal_loop(set: &libc::sigset_t, st: &ShutdownState) {
     loop {
@@ -191,7 +207,9 @@ where
     let drain_rules = std::mem::take(&mut conn.drain_rules);
     let st =
         start_signal_thread(listener.raw_fd(), drain_rules).map_err(ConnectionError::Signals)?;
+    start_heartbeat_thread().map_err(ConnectionError::Signals)?;
     info!("ready; waiting for a frontend");
+    crate::sandbox::supervisor::report_ready();
     let frontend = loop {
         if !wait_for_connection(&st)? {
             info!("shut down before a frontend connected");

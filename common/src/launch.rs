@@ -19,7 +19,7 @@
 use std::os::fd::RawFd;
 
 use clap::Parser;
-use log::{error, warn};
+use log::{error, info, warn};
 use vhost_user_backend::{VhostUserBackend, VringRwLock};
 use vm_memory::{GuestMemoryAtomic, GuestMemoryMmap};
 use vmm_sys_util::epoll::EventSet;
@@ -160,7 +160,7 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     #[cfg(feature = "jail-probe")]
     crate::sandbox::probe::set_without(&common.jail_probe_without);
     // Everything privileged first, before anything a sandbox would forbid.
-    let listener = match VhostListener::open(&common.listen) {
+    let listener = match VhostListener::open(&common.listen, common.socket_perms) {
         Ok(l) => l,
         Err(e) => return usage(D::NAME, &e),
     };
@@ -168,6 +168,20 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         Ok(o) => o,
         Err(e) => return usage(D::NAME, &e),
     };
+    match &common.listen {
+        crate::listener::ListenOn::Activated { fd, name } => {
+            info!("listening on the socket systemd passed: fd {fd} ('{name}')")
+        }
+        crate::listener::ListenOn::Fd(fd) => info!("listening on inherited fd {fd}"),
+        crate::listener::ListenOn::Path(_) => {
+            if let Some((line, warning)) = listener.access_summary() {
+                info!("{line}");
+                if let Some(w) = warning {
+                    warn!("{w}");
+                }
+            }
+        }
+    }
     if common.sandbox == SandboxMode::None {
         warn!(
             "*** --sandbox none: the workers run UNCONFINED, with all the privileges of this \
@@ -206,8 +220,17 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         worker(dev, &opened, &jail, &listener, common, ctx)
     });
     drop(chroot_dir);
-    drop(listener);
-    code
+    match listener.remove() {
+        Ok(()) => code,
+        Err(e) => {
+            error!("{}", error_chain(&e));
+            if code == 0 {
+                crate::EXIT_SOCKET_LEFT
+            } else {
+                code
+            }
+        }
+    }
 }
 
 fn usage(name: &str, e: &dyn std::error::Error) -> i32 {

@@ -16,6 +16,7 @@ pub mod poll;
 pub mod relay;
 pub mod ring;
 pub mod sandbox;
+pub mod service;
 pub mod size;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
@@ -29,6 +30,10 @@ use vmm_sys_util::event::{
 
 /// Exit status for a configuration or environment error (bad flag, missing file, busy socket).
 pub const EXIT_USAGE: i32 = 2;
+
+/// Exit status when everything stopped cleanly but the socket file this process bound could not
+/// be removed (for example its directory is not writable once privileges are dropped).
+pub const EXIT_SOCKET_LEFT: i32 = 4;
 
 /// An error and its sources, "outer: inner: innermost", on one line.
 pub fn error_chain(e: &dyn std::error::Error) -> String {

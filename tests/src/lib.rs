@@ -129,11 +129,22 @@ impl Backend {
 
     /// Like `start`, for an executable given by path.
     pub fn start_exe(exe: &Path, socket: &Path, args: &[&str]) -> Backend {
+        Backend::start_exe_env(exe, socket, args, &[])
+    }
+
+    /// Like `start_exe`, with more environment variables.
+    pub fn start_exe_env(
+        exe: &Path,
+        socket: &Path,
+        args: &[&str],
+        env: &[(&str, &str)],
+    ) -> Backend {
         let stderr_path = socket.with_extension("log");
         let log = std::fs::File::create(&stderr_path).expect("log file");
         let child = Command::new(exe)
             .args(args)
             .env("VHOSTBOX_LOG", "debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)

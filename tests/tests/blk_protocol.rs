@@ -585,3 +585,56 @@ fn full_backing_store_fails_only_the_requests_it_hits() {
         );
     }
 }
+
+/// systemd socket activation: `systemd-socket-activate` binds the socket and passes it as fd 3
+/// with LISTEN_FDS/LISTEN_PID/LISTEN_FDNAMES. It takes precedence over --socket-path, which is
+/// then never created; the socket file is the service manager's, so it stays at exit.
+#[test]
+fn systemd_socket_activation_serves_a_libblkio_client() {
+    let dir = tempfile::tempdir().unwrap();
+    let img = image(dir.path(), 1 << 20);
+    let sock = dir.path().join("activated.sock");
+    let ignored = dir.path().join("ignored.sock");
+    let log_path = dir.path().join("backend.log");
+    let mut child = std::process::Command::new("systemd-socket-activate")
+        .arg("-l")
+        .arg(&sock)
+        .args(["--fdname=vhost-user", "-E", "VHOSTBOX_LOG=debug"])
+        .arg(vhostbox_tests::bin_path(BLK))
+        .args(["--image", img.to_str().unwrap(), "--socket-path"])
+        .arg(&ignored)
+        .stderr(fs::File::create(&log_path).unwrap())
+        .spawn()
+        .expect("systemd-socket-activate (apt install systemd)");
+    let log = || fs::read_to_string(&log_path).unwrap_or_default();
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(std::time::Instant::now() < deadline, "no socket: {}", log());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let mut c = Client::connect(&sock, 1, 8192);
+    pattern(c.buf(0, 4096), 3, 1);
+    assert_eq!(c.write(0, 3 * 4096, 0, 4096), 0);
+    assert_eq!(c.read(0, 3 * 4096, 4096, 4096), 0);
+    let (w, r) = {
+        let b = c.buf(0, 8192);
+        (b[..4096].to_vec(), b[4096..].to_vec())
+    };
+    assert_eq!(w, r, "read back what was written");
+    drop(c);
+    // SAFETY: kill() on our child (systemd-socket-activate exec'd the backend: same pid).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    assert_eq!(child.wait().unwrap().code(), Some(0), "{}", log());
+    let l = log();
+    assert!(
+        l.contains("listening on the socket systemd passed: fd 3 ('vhost-user')"),
+        "{l}"
+    );
+    assert!(!ignored.exists(), "--socket-path must yield to LISTEN_FDS");
+    let mut host = vec![0u8; 4096];
+    fs::File::open(&img)
+        .unwrap()
+        .read_exact_at(&mut host, 3 * 4096)
+        .unwrap();
+    assert_eq!(host, w, "the data is in the image");
+}

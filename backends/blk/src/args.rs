@@ -28,7 +28,7 @@ pub const DEFAULT_POLL_MAX_US: u32 = 50;
 ///
 /// EXIT STATUS: 0 after a clean shutdown, 2 for a usage or configuration error (bad flag,
 /// missing or unreadable image, size not a multiple of the block size, busy socket path),
-/// 1 for other failures.
+/// 1 for other failures, 4 when the socket file could not be removed at exit.
 #[derive(Debug, Parser)]
 #[command(
     name = "vhostbox-blk",

@@ -23,7 +23,8 @@ use vhostbox_common::cli::CommonArgs;
 ///
 /// EXIT STATUS: 0 after a clean shutdown, 2 for a usage or configuration error (bad flag, bad
 /// MAC, a tap that cannot be opened or created, a fd that is not a tap, more queue pairs than
-/// the tap supports, busy socket path), 1 for other failures.
+/// the tap supports, busy socket path), 1 for other failures, 4 when the socket file could not
+/// be removed at exit.
 #[derive(Debug, Parser)]
 #[command(
     name = "vhostbox-net",

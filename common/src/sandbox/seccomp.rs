@@ -137,6 +137,8 @@ pub enum ThreadKind {
     Relay,
     /// The signal thread: waits for SIGTERM, has the device drain, cuts the frontend off.
     Signals,
+    /// Answers the supervisor's heartbeat on the report socket.
+    Heartbeat,
 }
 
 /// What every thread of ours needs to live and die: memory for the heap, locks, the log,
@@ -215,6 +217,14 @@ pub fn relay_rules(own_pid: u32) -> Rules {
             vec![Arg::Eq(1, F_DUPFD_CLOEXEC as u64)],
         ]),
     ]);
+    r
+}
+
+/// The heartbeat thread's list: it reads pings and writes answers on one socket.
+pub fn heartbeat_rules(own_pid: u32) -> Rules {
+    use libc::*;
+    let mut r = thread_common(own_pid);
+    r.push(allow(SYS_read, "read", "the supervisor's heartbeat"));
     r
 }
 

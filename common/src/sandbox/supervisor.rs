@@ -18,6 +18,7 @@ use log::{error, info, warn};
 
 use super::seccomp::{self, Rules};
 use super::{Ids, JailConfig, SandboxMode};
+use crate::service::Notifier;
 
 /// Exit code of a worker that could not set up its device or enter its jail: the supervisor
 /// gives up (a replacement would fail the same way).
@@ -196,6 +197,16 @@ fn push_report(reports: &mut String, bytes: &[u8]) {
     }
 }
 
+/// Removes every `token` from `reports`; whether there was one.
+fn take_token(reports: &mut String, token: &str) -> bool {
+    if reports.contains(token) {
+        *reports = reports.replace(token, "");
+        true
+    } else {
+        false
+    }
+}
+
 struct Child {
     pid: i32,
     /// Its cgroup, removed when the child is dropped (after it was reaped).
@@ -207,6 +218,44 @@ struct Child {
 
 /// What a worker writes on the report channel once a frontend is connected.
 const SERVING: &str = "SERVING\n";
+/// What a worker writes once it waits for a frontend on the listener.
+const READY: &str = "READY\n";
+/// The supervisor's heartbeat to the worker, and the worker's answer.
+const PING: &[u8] = b"PING\n";
+const PONG: &str = "PONG\n";
+
+/// Tells the supervisor (if there is one) that this worker waits for a frontend.
+pub fn report_ready() {
+    let fd = seccomp::report_fd();
+    if fd >= 0 {
+        // SAFETY: writes a static string to the report socket.
+        unsafe { libc::write(fd, READY.as_ptr().cast(), READY.len()) };
+    }
+}
+
+/// The worker's side of the heartbeat: answers each ping of the supervisor on the report
+/// socket, forever (a thread of its own). Returns when the socket is gone.
+pub fn answer_heartbeats() {
+    let fd = seccomp::report_fd();
+    if fd < 0 {
+        return;
+    }
+    let mut b = [0u8; 16];
+    loop {
+        // SAFETY: reads into a local buffer of the size given.
+        let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
+        if n < 0 && io::Error::last_os_error().kind() == io::ErrorKind::Interrupted {
+            continue;
+        }
+        if n <= 0 {
+            return;
+        }
+        if &b[..n as usize] == PING {
+            // SAFETY: writes a static string to the report socket.
+            unsafe { libc::write(fd, PONG.as_ptr().cast(), PONG.len()) };
+        }
+    }
+}
 
 /// Tells the supervisor (if there is one) that this worker serves a frontend: if it dies now,
 /// it is replaced at once, since it is not failing on its way up (which would be retried with
@@ -265,6 +314,24 @@ struct Supervisor<'a> {
     /// Kill mode: the current worker's seccomp listener, and the syscall it reported.
     notif: Option<OwnedFd>,
     notified: Option<i64>,
+    /// The service manager (systemd), if any.
+    notify: Notifier,
+    /// `READY=1` was sent.
+    ready: bool,
+    /// Workers replaced after they died (not counting clean ends of a connection).
+    restarts: u64,
+    watchdog: Option<Watchdog>,
+}
+
+/// The watchdog's state: pings to systemd only while the worker answers the heartbeat.
+struct Watchdog {
+    /// Half systemd's timeout.
+    period: Duration,
+    next: Instant,
+    /// A heartbeat went to the worker and it has not answered yet.
+    awaiting: bool,
+    /// The "does not answer" warning was logged for the current worker.
+    warned: bool,
 }
 
 const FIRST_BACKOFF: Duration = Duration::from_millis(50);
@@ -291,6 +358,7 @@ impl<'a> Supervisor<'a> {
         // SAFETY: fcntl on our fd.
         unsafe { libc::fcntl(report_r.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
         super::restrict_supervisor(jail.mode).map_err(SupervisorError::Restrict)?;
+        let notify = Notifier::from_env();
         Ok(Supervisor {
             jail,
             rules,
@@ -305,6 +373,15 @@ impl<'a> Supervisor<'a> {
             generation: 0,
             notif: None,
             notified: None,
+            watchdog: notify.watchdog().map(|t| Watchdog {
+                period: t / 2,
+                next: Instant::now(),
+                awaiting: false,
+                warned: false,
+            }),
+            notify,
+            ready: false,
+            restarts: 0,
         })
     }
 
@@ -331,7 +408,14 @@ impl<'a> Supervisor<'a> {
                 Ended::Finished => self.backoff = FIRST_BACKOFF,
                 Ended::GiveUp => return Ok(1),
                 Ended::Died if self.stopping => return Ok(0),
-                Ended::Died => self.pace(pid, lived, served),
+                Ended::Died => {
+                    self.restarts += 1;
+                    self.notify.status(&format!(
+                        "worker {pid} died; starting a new one ({})",
+                        self.restarts_text()
+                    ));
+                    self.pace(pid, lived, served)
+                }
             }
         }
     }
@@ -350,7 +434,14 @@ impl<'a> Supervisor<'a> {
             events: libc::POLLIN,
             revents: 0,
         });
-        let timeout = if self.stopping { 200 } else { -1 };
+        let timeout = if self.stopping {
+            200
+        } else if let Some(w) = self.watchdog.as_ref().filter(|_| self.ready) {
+            let left = w.next.saturating_duration_since(Instant::now());
+            i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
+        } else {
+            -1
+        };
         // SAFETY: fds is a valid array of three pollfds (poll skips the negative fd).
         let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
         if r < 0 {
@@ -368,6 +459,7 @@ impl<'a> Supervisor<'a> {
             self.notif = None;
         }
         self.take_signals();
+        self.watchdog_tick();
         if let (Some(c), Some(d)) = (&self.child, self.stop_deadline) {
             if Instant::now() > d {
                 warn!("worker {} did not stop in time, killing it", c.pid);
@@ -383,12 +475,82 @@ impl<'a> Supervisor<'a> {
         if let Some(l) = recv_report(self.report_r.as_raw_fd(), &mut self.reports) {
             self.notif = Some(l);
         }
-        if self.reports.contains(SERVING) {
-            self.reports = self.reports.replace(SERVING, "");
+        if take_token(&mut self.reports, PONG) {
+            if let Some(w) = self.watchdog.as_mut() {
+                w.awaiting = false;
+                w.warned = false;
+            }
+        }
+        let pid = self.child.as_ref().map_or(0, |c| c.pid);
+        if take_token(&mut self.reports, READY) {
+            let status = format!(
+                "waiting for a frontend (worker {pid}; {})",
+                self.restarts_text()
+            );
+            if self.ready {
+                self.notify.status(&status);
+            } else {
+                self.ready = true;
+                self.notify.ready(&status);
+                if let Some(w) = self.watchdog.as_mut() {
+                    w.next = Instant::now();
+                }
+            }
+        }
+        if take_token(&mut self.reports, SERVING) {
             if let Some(c) = self.child.as_mut() {
                 c.served = true;
             }
+            self.notify.status(&format!(
+                "serving a frontend (worker {pid}; {})",
+                self.restarts_text()
+            ));
         }
+    }
+
+    fn restarts_text(&self) -> String {
+        match self.restarts {
+            1 => "restarted once".into(),
+            n => format!("restarted {n} times"),
+        }
+    }
+
+    /// Every half watchdog period: `WATCHDOG=1` if the current worker answered the last
+    /// heartbeat (or none is running: the supervisor itself is alive), then the next heartbeat.
+    fn watchdog_tick(&mut self) {
+        let Some(w) = self.watchdog.as_mut() else {
+            return;
+        };
+        if !self.ready {
+            // systemd starts the watchdog once the service is ready.
+            return;
+        }
+        let now = Instant::now();
+        if now < w.next {
+            return;
+        }
+        w.next = now + w.period;
+        match &self.child {
+            Some(c) if w.awaiting => {
+                if !w.warned {
+                    warn!(
+                        "worker {} does not answer its heartbeat: no watchdog pings to the \
+                         service manager until it does",
+                        c.pid
+                    );
+                    w.warned = true;
+                }
+                return;
+            }
+            Some(_) => {
+                w.awaiting = true;
+                // SAFETY: writes a static buffer to our report socket (non-blocking: a full
+                // buffer means the worker is not reading, which the next tick sees).
+                unsafe { libc::write(self.report_r.as_raw_fd(), PING.as_ptr().cast(), PING.len()) };
+            }
+            None => w.awaiting = false,
+        }
+        self.notify.watchdog_ping();
     }
 
     fn take_notification(&mut self) {
@@ -422,6 +584,7 @@ impl<'a> Supervisor<'a> {
             let sig = si.ssi_signo as i32;
             if sig != libc::SIGCHLD && !self.stopping {
                 info!("signal {sig} received, stopping the worker");
+                self.notify.stopping();
                 self.stopping = true;
                 self.stop_deadline = Some(Instant::now() + Duration::from_secs(10));
                 if let Some(c) = &self.child {
@@ -445,6 +608,10 @@ impl<'a> Supervisor<'a> {
         let ended = (c.pid, status, c.started.elapsed(), c.served);
         self.child = None;
         self.notif = None;
+        if let Some(w) = self.watchdog.as_mut() {
+            w.awaiting = false;
+            w.warned = false;
+        }
         Some(ended)
     }
 
