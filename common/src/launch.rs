@@ -104,6 +104,9 @@ impl<B> Connection<B> {
 pub trait Device: Sized {
     /// The program's name, for logs and errors.
     const NAME: &'static str;
+    /// The flag that sets the number of queues, for errors about a frontend that wants more
+    /// (e.g. "--num-queues").
+    const QUEUES_FLAG: &'static str = "";
     /// The command line (a clap parser that flattens [`crate::cli::CommonArgs`]).
     type Args: Parser;
     /// Why the command line cannot be used.
@@ -238,6 +241,21 @@ fn usage(name: &str, e: &dyn std::error::Error) -> i32 {
     EXIT_USAGE
 }
 
+/// The device's rings and what it was started with, for the relay's refusals.
+fn ring_limit<D: Device>(backend: &D::Backend) -> crate::relay::RingLimit {
+    let count = backend.num_queues() as u32;
+    let started_with = match D::QUEUES_FLAG {
+        "" => format!("{} with {count} queue(s)", D::NAME),
+        // Queue pairs (net) are two rings each.
+        f if f.contains("pairs") => format!("{} {f} {}", D::NAME, count / 2),
+        f => format!("{} {f} {count}", D::NAME),
+    };
+    crate::relay::RingLimit {
+        count,
+        started_with,
+    }
+}
+
 /// One worker process: build, jail, serve one connection. Returns its exit status.
 fn worker<D: Device>(
     dev: &D,
@@ -262,7 +280,7 @@ fn worker<D: Device>(
         }
     };
     let relay = match Relay::new() {
-        Ok(r) => r,
+        Ok(r) => r.limit_rings(ring_limit::<D>(&conn.backend)),
         Err(e) => {
             error!("cannot set up the vhost-user relay: {e}");
             return EXIT_JAIL_FAILED;

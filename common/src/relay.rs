@@ -37,7 +37,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use log::debug;
 use vhost::vhost_user::message::{
     FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion,
-    VhostUserSingleMemoryRegion, VhostUserVringState, MAX_MSG_SIZE,
+    VhostUserSingleMemoryRegion, VhostUserVringAddr, VhostUserVringState, MAX_MSG_SIZE,
 };
 use vhost::vhost_user::Listener;
 use vm_memory::ByteValued;
@@ -70,6 +70,16 @@ pub trait Hook: Send {
 pub struct Relay {
     listener: Listener,
     ours: UnixStream,
+    rings: Option<RingLimit>,
+}
+
+/// How many rings the device has, and the flag that sets it, to refuse (and explain) a ring
+/// index past them.
+#[derive(Debug, Clone)]
+pub struct RingLimit {
+    pub count: u32,
+    /// What the device was started with, e.g. "vhostbox-net --queue-pairs 1".
+    pub started_with: String,
 }
 
 impl Relay {
@@ -84,6 +94,7 @@ impl Relay {
                     return Ok(Relay {
                         listener: Listener::from(listener),
                         ours,
+                        rings: None,
                     });
                 }
                 // Someone else's connection filled the one place: start afresh.
@@ -97,6 +108,13 @@ impl Relay {
         Err(last.unwrap_or_else(|| io::Error::other("no private listener")))
     }
 
+    /// Refuse messages for a ring the device does not have, naming the request, the ring and
+    /// how many there are (the library would only say "invalid parameters" and hang up).
+    pub fn limit_rings(mut self, limit: RingLimit) -> Self {
+        self.rings = Some(limit);
+        self
+    }
+
     /// The fds to keep in a jail.
     pub fn fds(&self) -> Vec<RawFd> {
         vec![self.listener.as_raw_fd(), self.ours.as_raw_fd()]
@@ -107,9 +125,13 @@ impl Relay {
     /// after.
     pub fn start(self, frontend: UnixStream, hook: Option<Box<dyn Hook>>) -> io::Result<Listener> {
         let ours = self.ours;
+        let checks = Checks {
+            rings: self.rings,
+            ..Checks::default()
+        };
         std::thread::Builder::new()
             .name("vu-relay".into())
-            .spawn(move || relay(frontend, ours, hook))?;
+            .spawn(move || relay(frontend, ours, hook, checks))?;
         Ok(self.listener)
     }
 }
@@ -400,6 +422,9 @@ impl EarlyEnable {
 ///   offered), and the library would truncate it.
 /// - SET_VRING_KICK/CALL/ERR with an fd that is not an eventfd-like anonymous inode open for
 ///   reading and writing (a regular file would stall the queue without a word).
+/// - Any ring message (SET_VRING_NUM/ADDR/BASE/KICK/CALL/ERR/ENABLE) for a ring past the
+///   device's last, with what the device was started with: a frontend that asks for more
+///   queues than the backend has.
 /// - SET_MEM_TABLE and ADD_MEM_REG whose regions lie beyond their fd's end, or whose fd is not
 ///   a regular file (a memfd, a hugetlbfs or tmpfs file): the worker would die of SIGBUS at
 ///   the first access.
@@ -409,6 +434,8 @@ struct Checks {
     no_size: std::collections::BTreeSet<u32>,
     /// Whether the frontend's memory was found not sealed against shrinking (logged once).
     unsealed_logged: bool,
+    /// The device's rings, if the caller said.
+    rings: Option<RingLimit>,
 }
 
 /// Bits 0-7 of a SET_VRING_KICK/CALL/ERR payload: the ring; bit 8: no fd (polling).
@@ -417,6 +444,7 @@ const VRING_NOFD: u64 = 0x100;
 
 impl Checks {
     fn check(&mut self, m: &Msg) -> Result<(), String> {
+        self.check_ring_index(m)?;
         use FrontendReq::*;
         match m.request() {
             Some(SET_VRING_NUM) => {
@@ -479,6 +507,36 @@ impl Checks {
                 let fd = m.fds.first().ok_or("no fd")?;
                 self.check_region(fd, r.mmap_offset, r.memory_size)
             }
+            _ => Ok(()),
+        }
+    }
+
+    /// A ring message for a ring the device has (GET_VRING_BASE is left to the library: its
+    /// frontend waits for a reply that a refusal would not give).
+    fn check_ring_index(&self, m: &Msg) -> Result<(), String> {
+        use FrontendReq::*;
+        let Some(limit) = &self.rings else {
+            return Ok(());
+        };
+        let index = match m.request() {
+            Some(SET_VRING_NUM | SET_VRING_BASE | SET_VRING_ENABLE) => {
+                m.payload_as::<VhostUserVringState>().map(|s| s.index)
+            }
+            Some(SET_VRING_ADDR) => m.payload_as::<VhostUserVringAddr>().map(|a| a.index),
+            Some(SET_VRING_KICK | SET_VRING_CALL | SET_VRING_ERR) => {
+                m.payload_as::<u64>().map(|v| (v & VRING_IDX_MASK) as u32)
+            }
+            _ => None,
+        };
+        match index {
+            Some(i) if i >= limit.count => Err(format!(
+                "ring {i}, but the device has {} (rings 0-{}; started as {}): the frontend asks \
+                 for more queues than the backend has; start the backend with more, or give \
+                 the frontend fewer",
+                limit.count,
+                limit.count.saturating_sub(1),
+                limit.started_with
+            )),
             _ => Ok(()),
         }
     }
@@ -555,7 +613,12 @@ fn wait_readable(a: &UnixStream, b: &UnixStream) -> io::Result<(bool, bool)> {
     }
 }
 
-fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hook>>) {
+fn relay(
+    frontend: UnixStream,
+    backend: UnixStream,
+    mut hook: Option<Box<dyn Hook>>,
+    mut checks: Checks,
+) {
     use crate::sandbox::seccomp::{install_thread, relay_rules, ThreadKind};
     if let Err(e) = install_thread(ThreadKind::Relay, relay_rules(std::process::id())) {
         log::error!("relay: {e}");
@@ -563,7 +626,6 @@ fn relay(frontend: UnixStream, backend: UnixStream, mut hook: Option<Box<dyn Hoo
         return;
     }
     let mut early = EarlyEnable::default();
-    let mut checks = Checks::default();
     let r = (|| -> io::Result<()> {
         loop {
             let (from_frontend, from_backend) = wait_readable(&frontend, &backend)?;

@@ -28,6 +28,7 @@ thread_local! {
                 queue_pairs: 2,
                 queue_size: 64,
                 mtu: None,
+                offer_config: true,
             },
         };
         let tap = net.open().unwrap();

@@ -282,3 +282,32 @@ fn refusals_are_logged_with_the_request_and_the_reason() {
         "{log}"
     );
 }
+
+/// A frontend that asks for more queues than the backend was started with is told which
+/// request, which ring, how many there are and which flag sets them; the backend stays up.
+#[test]
+fn a_queue_count_mismatch_names_the_request_the_count_and_the_flag() {
+    let mut rig = Rig::new();
+    // REPLY_ACK but not MQ: a frontend that does not ask GET_QUEUE_NUM first (QEMU does).
+    let opts = DeviceOptions {
+        queue_size: 64,
+        mem_size: 16 << 20,
+        protocol_features: 1 << 3,
+        ..Default::default()
+    };
+    let r = VhostUserDevice::connect_with(&rig.sock, 3, VIRTIO_F_VERSION_1, &opts);
+    assert!(
+        r.is_err(),
+        "the third ring's SET_VRING_NUM is refused with a NACK"
+    );
+    drop(r);
+    let log = rig.be.wait_log("refused SET_VRING_NUM: ring 2");
+    assert!(
+        log.contains(
+            "ring 2, but the device has 2 (rings 0-1; started as vhostbox-blk --num-queues 2): \
+             the frontend asks for more queues than the backend has"
+        ),
+        "{log}"
+    );
+    rig.verified_io("after a frontend that wanted 3 queues");
+}

@@ -136,7 +136,7 @@ fn guest_recv(fe: &mut NetFrontend, pair: usize) -> Option<(NetHdr, Vec<u8>)> {
 
 #[test]
 fn frames_of_many_sizes_both_ways_byte_exact() {
-    let r = rig(1, &["--mtu", "9000"]);
+    let r = rig(1, &["--mtu", "9000", "--offer-config"]);
     let mut fe = r.connect(1, BASE | OFFLOADS | VIRTIO_NET_F_MRG_RXBUF);
     let cfg = fe.config().unwrap();
     assert_eq!(cfg.mac, MAC);
@@ -449,7 +449,7 @@ fn spread(
 
 #[test]
 fn multiqueue_one_tap_queue_per_pair() {
-    let r = rig(2, &[]);
+    let r = rig(2, &["--offer-config"]);
     let mut fe = r.connect(2, BASE | OFFLOADS | VIRTIO_NET_F_MRG_RXBUF);
     assert_ne!(fe.features() & VIRTIO_NET_F_MQ, 0);
     assert_eq!(fe.config().unwrap().max_virtqueue_pairs, 2);
@@ -724,4 +724,100 @@ fn the_serving_worker_is_jailed_and_holds_only_its_tap() {
         assert!(ok, "unexpected fd -> {t}");
     }
     assert_eq!(taps, 2, "one fd per tap queue");
+}
+
+/// What libvirt users hit: a tap vhostbox-net creates is brought up (the operator's own tap
+/// that is down is named loudly in the log), and QEMU, whose virtio-net refuses
+/// VHOST_USER_PROTOCOL_F_CONFIG, is not offered it unless --offer-config asks for it.
+#[test]
+fn a_created_tap_is_up_a_down_tap_is_named_and_config_is_opt_in() {
+    let dir = tempfile::tempdir().unwrap();
+    let ns = NetNs::new().expect("network namespace");
+    // Administratively up: "UP" among the flags `ip -o link` prints in <...>.
+    let up = |name: &str| {
+        let out = ns.run(|| {
+            std::process::Command::new("ip")
+                .args(["-o", "link", "show", name])
+                .output()
+                .unwrap()
+        });
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let flags = text.split('<').nth(1).and_then(|r| r.split('>').next());
+        flags
+            .unwrap_or_else(|| panic!("no flags in {text:?}"))
+            .split(',')
+            .any(|f| f == "UP")
+    };
+
+    let sock = dir.path().join("created.sock");
+    let s = sock.to_str().unwrap();
+    let b = ns.run(|| Backend::start(NET, &sock, &["--socket-path", s, "--tap", "mk0"]));
+    let log = b.wait_log("ready; waiting for a frontend");
+    assert!(up("mk0"), "the tap it created is up\n{log}");
+    assert!(!log.contains("is DOWN"), "{log}");
+    let fe = NetFrontend::connect(&sock, 1, BASE, &DeviceOptions::default()).unwrap();
+    let pf = fe_protocol_features(fe);
+    assert_eq!(
+        pf & (1 << 9),
+        0,
+        "no CONFIG without --offer-config: {pf:#x}"
+    );
+    drop(b);
+
+    // The operator's tap, left down.
+    ns.ip(&[
+        "tuntap",
+        "add",
+        "dn0",
+        "mode",
+        "tap",
+        "multi_queue",
+        "vnet_hdr",
+    ]);
+    let sock = dir.path().join("down.sock");
+    let s = sock.to_str().unwrap();
+    let b = ns.run(|| {
+        Backend::start(
+            NET,
+            &sock,
+            &["--socket-path", s, "--tap", "dn0", "--offer-config"],
+        )
+    });
+    let log = b.wait_log("ready; waiting for a frontend");
+    assert!(
+        log.contains("*** tap dn0 is DOWN") && log.contains("ip link set dn0 up"),
+        "{log}"
+    );
+    assert!(!up("dn0"), "someone else's tap is left as it is");
+    let fe = NetFrontend::connect(&sock, 1, BASE, &DeviceOptions::default()).unwrap();
+    assert_ne!(
+        fe_protocol_features(fe) & (1 << 9),
+        0,
+        "CONFIG with --offer-config"
+    );
+}
+
+fn fe_protocol_features(mut fe: NetFrontend) -> u64 {
+    fe.device().protocol_features()
+}
+
+/// Two queue pairs asked of a one-pair backend: the log names the ring and `--queue-pairs`.
+#[test]
+fn asking_for_more_pairs_than_offered_names_queue_pairs() {
+    let r = rig(1, &[]);
+    // REPLY_ACK but not MQ: a frontend that does not ask GET_QUEUE_NUM first (QEMU does).
+    let opts = DeviceOptions {
+        protocol_features: 1 << 3,
+        ..Default::default()
+    };
+    assert!(NetFrontend::connect(&r.sock, 2, BASE, &opts).is_err());
+    let log = r.backend.wait_log("refused SET_VRING_NUM: ring 2");
+    assert!(
+        log.contains("the device has 2 (rings 0-1; started as vhostbox-net --queue-pairs 1)"),
+        "{log}"
+    );
+    // The next frontend that asks for what there is gets it.
+    let mut fe = r.connect(1, BASE | VIRTIO_NET_F_MRG_RXBUF);
+    let f = test_frame(BCAST, MAC, 200, 7);
+    fe.send(0, &NetHdr::default(), &f).unwrap();
 }

@@ -49,6 +49,7 @@ pub struct Blk {
 
 impl launch::Device for Blk {
     const NAME: &'static str = "vhostbox-blk";
+    const QUEUES_FLAG: &'static str = "--num-queues";
     type Args = args::Args;
     type ConfigError = config::ConfigError;
     type Opened = Arc<Shared>;

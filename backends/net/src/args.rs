@@ -76,6 +76,13 @@ pub struct Args {
     #[arg(long, value_name = "N", default_value_t = 256)]
     pub queue_size: u16,
 
+    /// Offer the config space (VHOST_USER_PROTOCOL_F_CONFIG: --mac, --mtu, link up, queue
+    /// pairs) to frontends that read it, such as DPDK's virtio-user. Off by default: QEMU's
+    /// virtio-net builds its config space from its own options and warns about a backend
+    /// that offers one.
+    #[arg(long)]
+    pub offer_config: bool,
+
     /// MTU offered to the guest (VIRTIO_NET_F_MTU), 68-65535. With --tap, the tap interface's
     /// MTU is set to match.
     #[arg(long, value_name = "N")]

@@ -100,6 +100,8 @@ pub struct Config {
     pub queue_pairs: u16,
     pub queue_size: u16,
     pub mtu: Option<u16>,
+    /// `--offer-config`.
+    pub offer_config: bool,
 }
 
 /// The most queue pairs: vhost-user-backend gives each thread a 64-bit queue mask, and each
@@ -190,6 +192,7 @@ impl TryFrom<Args> for (CommonConfig, Config) {
             queue_pairs,
             queue_size,
             mtu: a.mtu,
+            offer_config: a.offer_config,
         };
         Ok((common, cfg))
     }

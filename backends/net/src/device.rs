@@ -45,6 +45,8 @@ pub struct DeviceConfig {
     pub queue_size: u16,
     pub mac: Mac,
     pub mtu: Option<u16>,
+    /// Offer VHOST_USER_PROTOCOL_F_CONFIG.
+    pub offer_config: bool,
 }
 
 /// The virtio features this device offers.
@@ -247,11 +249,17 @@ impl VhostUserBackend for NetBackend {
         log::debug!("features {features:#x}: header {hdr_len} bytes, tap offloads {offloads:#x}");
     }
 
+    /// CONFIG only with `--offer-config`: QEMU's virtio-net builds the config space itself
+    /// (MAC, MTU and link state from its own options) and warns about a backend that offers it.
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
-        VhostUserProtocolFeatures::MQ
+        let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIG
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+        if self.cfg.offer_config {
+            f | VhostUserProtocolFeatures::CONFIG
+        } else {
+            f
+        }
     }
 
     fn set_event_idx(&self, _enabled: bool) {}

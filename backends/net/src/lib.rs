@@ -32,6 +32,7 @@ pub struct Net {
 
 impl launch::Device for Net {
     const NAME: &'static str = "vhostbox-net";
+    const QUEUES_FLAG: &'static str = "--queue-pairs";
     type Args = args::Args;
     type ConfigError = config::ConfigError;
     type Opened = Arc<Tap>;
@@ -57,6 +58,23 @@ impl launch::Device for Net {
                     tap.name
                 );
             }
+        }
+        // A tap this process created is its to bring up; one it was given is the operator's,
+        // who must know when it is down: every frame would be refused.
+        if tap.created {
+            if let Err(e) = tap.set_up() {
+                log::warn!("cannot bring tap {} up: {e}", tap.name);
+            }
+        }
+        match tap.is_up() {
+            Ok(true) => {}
+            Ok(false) => log::warn!(
+                "*** tap {} is DOWN: the guest's frames will be dropped and it will receive \
+                 nothing until it is up (ip link set {} up) ***",
+                tap.name,
+                tap.name
+            ),
+            Err(e) => log::warn!("cannot read the state of tap {}: {e}", tap.name),
         }
         log::info!(
             "tap {} ({}{} queue(s)), mac {}, {} queue pair(s) of {}{}",
@@ -103,6 +121,7 @@ impl launch::Device for Net {
             queue_size: cfg.queue_size,
             mac: cfg.mac,
             mtu: cfg.mtu,
+            offer_config: cfg.offer_config,
         };
         let backend = Arc::new(NetBackend::new(tap.clone(), dev_cfg, mem.clone()));
         let mut conn = Connection::new(backend.clone());

@@ -267,13 +267,7 @@ impl Tap {
 
     /// Sets the interface MTU (needs CAP_NET_ADMIN in the tap's network namespace).
     pub fn set_mtu(&self, mtu: u16) -> io::Result<()> {
-        // SAFETY: socket has no memory arguments; the result is checked.
-        let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
-        if s < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: a fresh socket owned by nobody else.
-        let s = unsafe { OwnedFd::from_raw_fd(s) };
+        let s = inet_socket()?;
         #[repr(C)]
         struct IfReqMtu {
             name: [u8; libc::IFNAMSIZ],
@@ -288,6 +282,35 @@ impl Tap {
         };
         ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFMTU, &mut req)
     }
+
+    /// Whether the interface is administratively up (IFF_UP). A tap that is down refuses
+    /// every frame written to it and never has anything to read.
+    pub fn is_up(&self) -> io::Result<bool> {
+        let s = inet_socket()?;
+        let mut req = IfReq::new(&self.name, 0);
+        ioctl_ptr(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)?;
+        Ok(req.flags & libc::IFF_UP as i16 != 0)
+    }
+
+    /// Brings the interface up (needs CAP_NET_ADMIN in the tap's network namespace).
+    pub fn set_up(&self) -> io::Result<()> {
+        let s = inet_socket()?;
+        let mut req = IfReq::new(&self.name, 0);
+        ioctl_ptr(s.as_raw_fd(), libc::SIOCGIFFLAGS, &mut req)?;
+        req.flags |= libc::IFF_UP as i16;
+        ioctl_ptr(s.as_raw_fd(), libc::SIOCSIFFLAGS, &mut req)
+    }
+}
+
+/// A socket for interface ioctls (SIOCSIFMTU, SIOCGIFFLAGS, ...).
+fn inet_socket() -> io::Result<OwnedFd> {
+    // SAFETY: socket has no memory arguments; the result is checked.
+    let s = unsafe { libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0) };
+    if s < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a fresh socket owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(s) })
 }
 
 fn open_queue(name: &str, mq: bool) -> io::Result<OwnedFd> {
