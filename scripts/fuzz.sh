@@ -34,6 +34,9 @@ if ! cargo fuzz --version >/dev/null 2>&1; then
 fi
 # cargo-fuzz builds with -Z flags (the sanitizer); a stable toolchain accepts them with this.
 export RUSTC_BOOTSTRAP=1
+# The workspace's release profile uses fat LTO, which drops the sanitizer-coverage symbols
+# libFuzzer links against ("undefined symbol: __sancov_gen_"): fuzz builds go without it.
+export CARGO_PROFILE_RELEASE_LTO=false CARGO_PROFILE_RELEASE_CODEGEN_UNITS=16
 cd "$root/fuzz"
 export LSAN_OPTIONS="suppressions=$root/fuzz/lsan.supp${LSAN_OPTIONS:+:$LSAN_OPTIONS}"
 if [ "${#targets[@]}" -eq 0 ]; then
