@@ -13,6 +13,11 @@ pub struct CommonArgs {
     #[command(flatten)]
     pub listen: ListenArgs,
 
+    /// Print what this backend supports as JSON (QEMU's vhost-user.json convention, for
+    /// libvirt and other management tools) and exit.
+    #[arg(long)]
+    pub print_capabilities: bool,
+
     /// Log level: off, error, warn, info, debug, trace. VHOSTBOX_LOG overrides it.
     #[arg(long, value_name = "LEVEL", default_value = "info")]
     pub log_level: String,

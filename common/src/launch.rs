@@ -107,6 +107,9 @@ pub trait Device: Sized {
     /// The flag that sets the number of queues, for errors about a frontend that wants more
     /// (e.g. "--num-queues").
     const QUEUES_FLAG: &'static str = "";
+    /// What `--print-capabilities` prints: a VHostUserBackendCapabilities of QEMU's
+    /// docs/interop/vhost-user.json, one line of JSON.
+    const CAPABILITIES: &'static str;
     /// The command line (a clap parser that flattens [`crate::cli::CommonArgs`]).
     type Args: Parser;
     /// Why the command line cannot be used.
@@ -145,6 +148,15 @@ pub trait Device: Sized {
 
 /// The whole program: parse, open, supervise. Returns the exit status.
 pub fn main<D: Device>() -> i32 {
+    // Before the parse: the vhost-user convention is that it works with no other flag, while
+    // the device's own flags are required otherwise.
+    if std::env::args_os()
+        .skip(1)
+        .any(|a| a == "--print-capabilities")
+    {
+        println!("{}", D::CAPABILITIES);
+        return 0;
+    }
     let args = D::Args::parse();
     let (common, dev) = match D::configure(args) {
         Ok(c) => c,

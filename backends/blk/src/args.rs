@@ -53,6 +53,7 @@ pub struct Args {
     #[arg(
         long,
         value_name = "PATH",
+        visible_alias = "blk-file",
         required_unless_present = "null",
         conflicts_with = "null"
     )]
@@ -64,7 +65,7 @@ pub struct Args {
     pub null: Option<String>,
 
     /// Expose the device read-only (VIRTIO_BLK_F_RO); the image is opened read-only.
-    #[arg(long)]
+    #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
 
     /// Number of virtqueues, each served by its own worker thread (1-64).

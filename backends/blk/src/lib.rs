@@ -50,6 +50,7 @@ pub struct Blk {
 impl launch::Device for Blk {
     const NAME: &'static str = "vhostbox-blk";
     const QUEUES_FLAG: &'static str = "--num-queues";
+    const CAPABILITIES: &'static str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
     type Args = args::Args;
     type ConfigError = config::ConfigError;
     type Opened = Arc<Shared>;

@@ -109,6 +109,7 @@ impl VhostUserBackend for FillBackend {
 
 impl launch::Device for Fill {
     const NAME: &'static str = "vhostbox-testdev";
+    const CAPABILITIES: &'static str = r#"{"type":"rng"}"#;
     type Args = Args;
     type ConfigError = CommonError;
     type Opened = ();
