@@ -49,6 +49,13 @@ if [ "$need_qemu" = 1 ]; then
         qemu-system-x86 qemu-system-common qemu-system-data qemu-utils >/dev/null
 fi
 
+# libvirt 11 from bookworm-backports, to match QEMU 10 (the libvirt VM test).
+if ! command -v libvirtd >/dev/null || ! libvirtd --version | grep -q ' 1[1-9]\.'; then
+    log "installing libvirt from bookworm-backports"
+    apt-get install -y -qq --no-install-recommends -t bookworm-backports \
+        libvirt-daemon libvirt-clients libvirt-daemon-driver-qemu >/dev/null
+fi
+
 pkgs=()
 # systemd: systemd-socket-activate and systemd-analyze for the service tests (not run as init).
 for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1 systemd; do

@@ -9,6 +9,12 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+# A fresh machine: install what the tests need (idempotent; .ci/run has done it already).
+if [ "${VHOSTBOX_SETUP_DONE:-0}" != 1 ] && [ "$(id -u)" = 0 ]; then
+    echo "== host setup (scripts/setup-host.sh)"
+    scripts/setup-host.sh
+fi
+
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
@@ -26,6 +32,8 @@ if [ "${VHOSTBOX_SKIP_VM:-0}" != 1 ]; then
     echo "== guest image"
     scripts/build-guest.sh build/guest
 fi
+echo "== services the tests use (libvirtd)"
+scripts/start-services.sh
 echo "== cargo test"
 cargo test --workspace --no-fail-fast -- --test-threads="${VHOSTBOX_TEST_THREADS:-2}"
 fuzz_secs=${VHOSTBOX_FUZZ_SECS:-10}

@@ -355,6 +355,16 @@ pub fn guest_dir() -> Option<PathBuf> {
     );
 }
 
+/// The start of a guest's /test.sh that uses a NIC: `r KEY VALUE` reports on the result
+/// channel, and eth0 gets `ip`/24.
+pub fn guest_net_script(ip: &str) -> String {
+    format!(
+        "#!/bin/sh\n\
+         r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
+         ip link set eth0 up && ip addr add {ip}/24 dev eth0 || r net-setup fail\n"
+    )
+}
+
 /// The value of `RESULT KEY VALUE` in a guest's result channel.
 pub fn result_value<'a>(results: &'a str, key: &str) -> Option<&'a str> {
     results

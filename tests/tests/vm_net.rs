@@ -139,11 +139,9 @@ fn vm_guest_ping_and_tcp_both_ways_over_vhostbox_net() {
     let script = d.join("test.sh");
     fs::write(
         &script,
-        format!(
-            "#!/bin/sh\n\
-             r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
-             ip link set eth0 up && ip addr add {GUEST_IP}/24 dev eth0 || r net-setup fail\n\
-             r mtu \"$(cat /sys/class/net/eth0/mtu)\"\n\
+        vhostbox_tests::guest_net_script(GUEST_IP)
+            + &format!(
+                "r mtu \"$(cat /sys/class/net/eth0/mtu)\"\n\
              r queues \"$(ls -d /sys/class/net/eth0/queues/rx-* | wc -l)\"\n\
              r features \"$(cat /sys/class/net/eth0/device/features)\"\n\
              if ping -c 3 -W 5 {HOST_IP} >/dev/null; then r ping ok; else r ping fail; fi\n\
