@@ -174,11 +174,13 @@ impl BlkBackend {
     /// the guest.
     pub fn shut_down(&self) {
         for q in 0..self.queues.len() {
-            let vring = self.vring(q);
-            let mut ring = vring.as_ref().map(|v| v.get_mut());
+            // The queue first, then its vring: the order the queue thread takes them in
+            // (`handle_event`). The other order deadlocked with a queue thread in a pass.
             let Some(mut queue) = self.queue(q) else {
                 continue;
             };
+            let vring = self.vring(q);
+            let mut ring = vring.as_ref().map(|v| v.get_mut());
             match queue.shut_down(ring.as_deref_mut()) {
                 Ok(0) => {}
                 Ok(n) => debug!("queue {q}: {n} request(s) completed before stopping"),
