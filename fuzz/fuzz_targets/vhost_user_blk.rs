@@ -33,6 +33,7 @@ thread_local! {
                 poll_max: Duration::from_micros(50),
                 logical_block_size: None,
                 writeback: true,
+                lock: false,
             },
         };
         let shared = blk.open().unwrap();

@@ -68,6 +68,12 @@ pub struct Args {
     #[arg(long, visible_alias = "read-only")]
     pub readonly: bool,
 
+    /// Lock the image the way QEMU does (OFD locks on its permission bytes), so that QEMU,
+    /// qemu-img and other vhostbox-blk processes cannot write it while it is served, and it is
+    /// not served while one of them writes it: on (default) or off.
+    #[arg(long, value_name = "on|off", default_value = "on", value_parser = ["on", "off"])]
+    pub lock: String,
+
     /// Number of virtqueues, each served by its own worker thread (1-64).
     #[arg(long, value_name = "N", default_value_t = 1)]
     pub num_queues: u16,

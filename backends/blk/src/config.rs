@@ -33,6 +33,8 @@ pub struct Config {
     pub poll_max: Duration,
     pub logical_block_size: Option<u32>,
     pub writeback: bool,
+    /// `--lock on`: QEMU-compatible image locks.
+    pub lock: bool,
 }
 
 /// The largest `--poll-max-us`.
@@ -104,6 +106,7 @@ impl TryFrom<Args> for (CommonConfig, Config) {
             poll_max: Duration::from_micros(u64::from(a.poll_max_us)),
             logical_block_size: a.logical_block_size,
             writeback: !a.writethrough,
+            lock: a.lock == "on",
         };
         Ok((common, cfg))
     }

@@ -33,6 +33,8 @@ pub enum DiskError {
     BlockSizeTooSmall { requested: u32, host: u32 },
     #[error("null device size {0} is not a positive multiple of the logical block size {1}")]
     NullSize(u64, u32),
+    #[error(transparent)]
+    Lock(#[from] crate::lock::LockError),
 }
 
 /// What kind of backing store it is.
@@ -247,6 +249,11 @@ impl Disk {
     }
 
     /// The backing fd (None for the null device).
+    /// The open image (None for the null device).
+    pub fn file(&self) -> Option<&File> {
+        self.file.as_ref()
+    }
+
     pub fn fd(&self) -> Option<RawFd> {
         self.file.as_ref().map(|f| f.as_raw_fd())
     }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod lock;
 pub mod queue;
 pub mod request;
 pub mod seccomp;
@@ -66,7 +67,21 @@ impl launch::Device for Blk {
     fn open(&self) -> Result<Arc<Shared>, DiskError> {
         let cfg = &self.cfg;
         let disk = match &cfg.backing {
-            Backing::Image(p) => Disk::open(p, cfg.readonly, cfg.direct, cfg.logical_block_size)?,
+            Backing::Image(p) => {
+                let disk = Disk::open(p, cfg.readonly, cfg.direct, cfg.logical_block_size)?;
+                match (cfg.lock, disk.file()) {
+                    (true, Some(file)) => {
+                        let how = lock::lock_path(p, file, cfg.readonly)?;
+                        log::info!("image {}: {how}", p.display());
+                    }
+                    _ => log::warn!(
+                        "image {}: not locked (--lock off): nothing stops QEMU, qemu-img or \
+                         another backend from writing it at the same time",
+                        p.display()
+                    ),
+                }
+                disk
+            }
             Backing::Null(size) => {
                 Disk::null(*size, cfg.logical_block_size.unwrap_or(512), cfg.readonly)?
             }
