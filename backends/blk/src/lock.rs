@@ -11,8 +11,9 @@
 //! other open file descriptions' locks, not our own.
 //!
 //! OFD locks belong to the open file description. They are taken on an open of the image of
-//! their own ([`lock_path`]), which the supervisor keeps for its whole life and no worker keeps
-//! (it is not on the jail's keep-list), so they go away the moment the supervisor exits. On
+//! their own ([`lock_path`]), which the supervisor keeps for its whole life and every forked
+//! worker closes as its first action, so they go away the moment the supervisor exits (a
+//! worker killed with it may take a while to die). On
 //! the description the workers use they would outlive it: a worker's io_uring holds that file
 //! as a registered file until the ring's asynchronous teardown, and a backend restarted at once
 //! (systemd `Restart=`) would find its own image still locked.
@@ -144,8 +145,9 @@ pub fn lock_path(path: &Path, data: &std::fs::File, readonly: bool) -> Result<St
         ));
     }
     let how = lock_image(f.as_raw_fd(), path, readonly)?;
-    // Held until the process exits; a worker closes its copy when it enters its jail.
-    let _ = f.into_raw_fd();
+    // Held until the process exits; a forked worker closes its copy first thing.
+    let fd = f.into_raw_fd();
+    vhostbox_common::sandbox::supervisor::keep_from_workers(fd);
     Ok(how)
 }
 

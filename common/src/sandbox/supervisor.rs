@@ -48,6 +48,18 @@ pub enum SupervisorError {
     },
 }
 
+/// Fds only the supervisor may hold (an image's lock): a forked worker closes them before it
+/// does anything else, so a worker that is slow to die never holds them after the supervisor.
+static SUPERVISOR_ONLY: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
+
+/// Registers `fd` as one no worker may hold (see [`SUPERVISOR_ONLY`]).
+pub fn keep_from_workers(fd: RawFd) {
+    SUPERVISOR_ONLY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .push(fd);
+}
+
 /// What a worker knows about its supervisor.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerCtx {
@@ -689,6 +701,11 @@ fn spawn(
     worker: &mut dyn FnMut(WorkerCtx) -> i32,
 ) -> Result<Child, SupervisorError> {
     let (sync_r, sync_w) = pipe()?;
+    // Copied before the clone: the child must not take a lock.
+    let supervisor_only = SUPERVISOR_ONLY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .clone();
     let mut flags = libc::SIGCHLD as libc::c_long;
     if jail.mode == SandboxMode::Namespace {
         flags |= (libc::CLONE_NEWUSER
@@ -715,6 +732,10 @@ fn spawn(
     }
     if pid == 0 {
         // The worker. Never return into the supervisor's code: _exit with the worker's code.
+        for &fd in supervisor_only.iter() {
+            // SAFETY: closes an fd of the supervisor's that this copy must not keep.
+            unsafe { libc::close(fd) };
+        }
         drop(sync_w);
         let mut b = [0u8; 1];
         // SAFETY: read into a local byte; prctl/sigprocmask with valid arguments.
