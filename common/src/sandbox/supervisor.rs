@@ -52,7 +52,7 @@ pub enum SupervisorError {
 /// does anything else, so a worker that is slow to die never holds them after the supervisor.
 static SUPERVISOR_ONLY: std::sync::Mutex<Vec<RawFd>> = std::sync::Mutex::new(Vec::new());
 
-/// Registers `fd` as one no worker may hold (see [`SUPERVISOR_ONLY`]).
+/// Registers `fd` as one no worker may hold: every forked worker closes it first thing.
 pub fn keep_from_workers(fd: RawFd) {
     SUPERVISOR_ONLY
         .lock()
