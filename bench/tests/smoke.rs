@@ -66,6 +66,52 @@ fn blk_bench_reports_every_contender() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
 
+/// On the image, the same client without any backend is the limit row, and every row has its
+/// ratio against it.
+#[test]
+fn blk_bench_has_the_direct_limit_row_on_the_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, log) = bench(dir.path(), "file 4k randread QD1", None);
+    assert!(ok, "vhostbox-bench failed:\n{log}");
+    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    for workload in ["4k randread QD1", "4k randread QD1 polled"] {
+        let lines: Vec<&str> = md
+            .lines()
+            .filter(|l| l.starts_with(&format!("| file | {workload} |")))
+            .collect();
+        let names: Vec<&str> = lines
+            .iter()
+            .map(|l| l.split('|').nth(3).unwrap().trim())
+            .collect();
+        assert_eq!(
+            names,
+            [
+                "vhostbox io-uring",
+                "vhostbox sync",
+                "qemu-storage-daemon",
+                "direct io_uring (limit)"
+            ],
+            "{workload}:\n{md}"
+        );
+        let limit: Vec<&str> = lines[3].split('|').map(str::trim).collect();
+        assert!(limit[4].parse::<f64>().unwrap() > 0.0, "{md}");
+        assert_eq!(limit[9], "—", "the limit has no backend CPU:\n{md}");
+        assert_eq!(limit[13], "1.00x", "{md}");
+        for l in &lines[..3] {
+            let c: Vec<&str> = l.split('|').map(str::trim).collect();
+            assert!(c[13].ends_with('x') && c[13] != "—", "{l}");
+        }
+    }
+    // The null device has no limit row.
+    let (ok, log) = bench(dir.path(), "null 4k randread QD1 polled", None);
+    assert!(ok, "{log}");
+    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    assert!(
+        !md.contains("| null | 4k randread QD1 polled | direct"),
+        "{md}"
+    );
+}
+
 #[test]
 fn blk_bench_names_a_contender_that_cannot_start() {
     let dir = tempfile::tempdir().unwrap();

@@ -111,10 +111,16 @@ const IMAGE_SIZE: u64 = 1 << 30;
 #[derive(Clone)]
 struct Contender {
     name: String,
-    /// The vhostbox-blk binary to run; None for qemu-storage-daemon.
+    /// The vhostbox-blk binary to run; None for qemu-storage-daemon and the direct client.
     vhostbox: Option<PathBuf>,
     sync: bool,
+    /// No backend at all: the same libblkio client reads the image itself with its io_uring
+    /// driver. The same kernel work without vhost-user or a second process: the limit.
+    direct: bool,
 }
+
+/// The direct contender's name in the reports.
+const LIMIT: &str = "direct io_uring (limit)";
 
 /// vhostbox-blk with each engine, then qemu-storage-daemon; with VHOSTBOX_BENCH_BASELINE set to
 /// another vhostbox-blk binary (an earlier build), that one too, with each engine, so a change
@@ -125,6 +131,7 @@ fn contenders() -> Vec<Contender> {
         name: name.into(),
         vhostbox: Some(exe.to_owned()),
         sync,
+        direct: false,
     };
     let mut v = vec![
         vb("vhostbox io-uring", &ours, false),
@@ -133,6 +140,13 @@ fn contenders() -> Vec<Contender> {
             name: "qemu-storage-daemon".into(),
             vhostbox: None,
             sync: false,
+            direct: false,
+        },
+        Contender {
+            name: LIMIT.into(),
+            vhostbox: None,
+            sync: false,
+            direct: true,
         },
     ];
     if let Ok(base) = std::env::var("VHOSTBOX_BENCH_BASELINE") {
@@ -285,16 +299,54 @@ fn drive(
     (ios, lats)
 }
 
-fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Result<Sample, String> {
+/// One run of `c` on `w`; None where it does not apply (the direct client has no null
+/// device).
+fn run_one(
+    c: &Contender,
+    dev: Dev,
+    w: &Workload,
+    secs: f64,
+    dir: &Path,
+) -> Result<Option<Sample>, String> {
     let sock = dir.join("bench.sock");
     let img = dir.join("bench.img");
+    if c.direct {
+        return match dev {
+            Dev::Null => Ok(None),
+            Dev::File => measure(None, "io_uring", &img, w, secs).map(Some),
+        };
+    }
     let mut child = start(c, dev, w.queues, &sock, &img)?;
+    let result = measure(Some(child.id()), "virtio-blk-vhost-user", &sock, w, secs);
+    // SAFETY: kill() on our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    result.map(Some)
+}
+
+/// Drives `w` for `secs` through libblkio's `driver` at `path`; the backend's CPU is that of
+/// process tree `backend` (none for the direct client, which has no backend).
+fn measure(
+    backend: Option<u32>,
+    driver: &str,
+    path: &Path,
+    w: &Workload,
+    secs: f64,
+) -> Result<Sample, String> {
+    let cpu_of = |pid: Option<u32>| pid.map_or(0.0, tree_cpu);
     let result = (|| {
-        let mut b = Blkio::new("virtio-blk-vhost-user").map_err(|e| e.to_string())?;
-        b.set_str("path", sock.to_str().unwrap())
+        let mut b = Blkio::new(driver).map_err(|e| e.to_string())?;
+        b.set_str("path", path.to_str().unwrap())
             .map_err(|e| e.to_string())?;
         b.connect().map_err(|e| format!("connect: {e}"))?;
-        let (irq, poll) = if w.poll_client {
+        // The io_uring driver polls only with O_DIRECT: the direct client always sleeps, and
+        // its cached reads complete at submission anyway.
+        let (irq, poll) = if w.poll_client && backend.is_some() {
             (0, w.queues)
         } else {
             (w.queues, 0)
@@ -313,7 +365,7 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
         let until = warm + Duration::from_secs_f64(secs);
         let mut cpu_warm = 0.0;
         let results: Vec<(u64, Vec<u32>)> = std::thread::scope(|s| {
-            let qs = if w.poll_client {
+            let qs = if poll > 0 {
                 out.poll_queues
             } else {
                 out.queues
@@ -327,12 +379,12 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
                 })
                 .collect();
             std::thread::sleep(warm.saturating_duration_since(Instant::now()));
-            cpu_warm = tree_cpu(child.id());
+            cpu_warm = cpu_of(backend);
             hs.into_iter()
                 .map(|h| h.join().expect("queue thread"))
                 .collect()
         });
-        let cpu1 = tree_cpu(child.id());
+        let cpu1 = cpu_of(backend);
         let elapsed = Instant::now().duration_since(warm).as_secs_f64();
         let ios: u64 = results.iter().map(|r| r.0).sum();
         let mut lats: Vec<u32> = results.into_iter().flat_map(|r| r.1).collect();
@@ -356,14 +408,6 @@ fn run_one(c: &Contender, dev: Dev, w: &Workload, secs: f64, dir: &Path) -> Resu
             cpu_us_per_io: cpu * 1e6 / ios.max(1) as f64,
         })
     })();
-    // SAFETY: kill() on our own child.
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while matches!(child.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
-    let _ = child.kill();
-    let _ = child.wait();
     result
 }
 
@@ -417,7 +461,8 @@ fn main() {
                         continue;
                     }
                     match run_one(c, *dev, w, secs, dir.path()) {
-                        Ok(s) => {
+                        Ok(None) => {}
+                        Ok(Some(s)) => {
                             eprintln!(
                                 "round {round} {label:28} {:22} {:>10.0} IOPS {:>8.1} MiB/s p50 {:>7.1} us p99 {:>7.1} us cpu {:>6.2} us/IO",
                                 c.name, s.iops, s.mibs, s.lat_p50_us, s.lat_p99_us, s.cpu_us_per_io
@@ -452,14 +497,15 @@ fn main() {
     // Report: medians and ratios against qemu-storage-daemon.
     let peer = contenders
         .iter()
-        .position(|c| c.vhostbox.is_none())
+        .position(|c| c.vhostbox.is_none() && !c.direct)
         .unwrap();
+    let limit = contenders.iter().position(|c| c.direct);
     let mut md = String::new();
-    let _ = writeln!(md, "Medians of {rounds} alternating rounds of {secs} s each (after 0.5 s warm-up); ratios against {}.\n", contenders[peer].name);
-    let _ = writeln!(md, "| device | workload | contender | IOPS | MiB/s | mean us | p50 us | p99 us | CPU us/IO | IOPS ratio | p50 ratio | CPU/IO ratio |");
+    let _ = writeln!(md, "Medians of {rounds} alternating rounds of {secs} s each (after 0.5 s warm-up); ratios against {}; vs limit: IOPS against the same client reading the image with no backend ({LIMIT}, file only; its CPU is not a backend's and is not shown).\n", contenders[peer].name);
+    let _ = writeln!(md, "| device | workload | contender | IOPS | MiB/s | mean us | p50 us | p99 us | CPU us/IO | IOPS ratio | p50 ratio | CPU/IO ratio | vs limit |");
     let _ = writeln!(
         md,
-        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+        "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
     );
     let mut bars: Vec<(String, Vec<(usize, f64)>)> = Vec::new();
     for (&(di, wi), per) in &mut all {
@@ -481,11 +527,15 @@ fn main() {
         let p = meds.get(&peer).copied();
         let label = format!("{} {}", devs[di].1, WORKLOADS[wi].name);
         let mut bar = Vec::new();
+        let lim = limit.and_then(|l| meds.get(&l)).copied();
         for (&ci, m) in &meds {
             let ratio = |i: usize| p.map_or("—".to_string(), |p| format!("{:.2}x", m[i] / p[i]));
+            let direct = contenders[ci].direct;
+            let cpu = |s: String| if direct { "—".to_string() } else { s };
+            let vs_limit = lim.map_or("—".to_string(), |l| format!("{:.2}x", m[0] / l[0]));
             let _ = writeln!(
                 md,
-                "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {:.2} | {} | {} | {} |",
+                "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
                 devs[di].1,
                 WORKLOADS[wi].name,
                 contenders[ci].name,
@@ -494,10 +544,11 @@ fn main() {
                 m[2],
                 m[3],
                 m[4],
-                m[5],
+                cpu(format!("{:.2}", m[5])),
                 ratio(0),
                 ratio(3),
-                ratio(5)
+                cpu(ratio(5)),
+                vs_limit
             );
             bar.push((ci, m[0]));
         }
