@@ -107,6 +107,8 @@ pub trait Device: Sized {
     /// The flag that sets the number of queues, for errors about a frontend that wants more
     /// (e.g. "--num-queues").
     const QUEUES_FLAG: &'static str = "";
+    /// Rings per unit of that flag (net: 2, an RX and a TX ring per queue pair).
+    const RINGS_PER_QUEUE: u32 = 1;
     /// What `--print-capabilities` prints: a VHostUserBackendCapabilities of QEMU's
     /// docs/interop/vhost-user.json, one line of JSON.
     const CAPABILITIES: &'static str;
@@ -258,9 +260,7 @@ fn ring_limit<D: Device>(backend: &D::Backend) -> crate::relay::RingLimit {
     let count = backend.num_queues() as u32;
     let started_with = match D::QUEUES_FLAG {
         "" => format!("{} with {count} queue(s)", D::NAME),
-        // Queue pairs (net) are two rings each.
-        f if f.contains("pairs") => format!("{} {f} {}", D::NAME, count / 2),
-        f => format!("{} {f} {count}", D::NAME),
+        f => format!("{} {f} {}", D::NAME, count / D::RINGS_PER_QUEUE.max(1)),
     };
     crate::relay::RingLimit {
         count,

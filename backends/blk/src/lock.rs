@@ -100,26 +100,27 @@ pub fn lock_image(fd: RawFd, path: &Path, readonly: bool) -> Result<String, Lock
     for i in bits(unshared) {
         take(SHARED_BASE + i as i64)?;
     }
-    for i in bits(used) {
-        if held_by_other(fd, SHARED_BASE + i as i64).map_err(sys)? {
-            return Err(LockError::InUse {
-                path: path.to_owned(),
-                what: format!(
-                    "does not share the {} permission this device needs",
-                    PERMS[i]
-                ),
-            });
-        }
-    }
-    for i in bits(unshared) {
-        if held_by_other(fd, PERM_BASE + i as i64).map_err(sys)? {
-            return Err(LockError::InUse {
-                path: path.to_owned(),
-                what: format!(
-                    "holds the {} permission, which this device does not share",
-                    PERMS[i]
-                ),
-            });
+    // What we use must not be unshared by another; what we do not share must not be used.
+    let checks = [
+        (
+            used,
+            SHARED_BASE,
+            "does not share the {} permission this device needs",
+        ),
+        (
+            unshared,
+            PERM_BASE,
+            "holds the {} permission, which this device does not share",
+        ),
+    ];
+    for (mask, base, what) in checks {
+        for i in bits(mask) {
+            if held_by_other(fd, base + i as i64).map_err(sys)? {
+                return Err(LockError::InUse {
+                    path: path.to_owned(),
+                    what: what.replace("{}", PERMS[i]),
+                });
+            }
         }
     }
     let names = |m: u8| bits(m).map(|i| PERMS[i]).collect::<Vec<_>>().join(", ");

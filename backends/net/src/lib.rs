@@ -33,6 +33,7 @@ pub struct Net {
 impl launch::Device for Net {
     const NAME: &'static str = "vhostbox-net";
     const QUEUES_FLAG: &'static str = "--queue-pairs";
+    const RINGS_PER_QUEUE: u32 = 2;
     const CAPABILITIES: &'static str = r#"{"type":"net"}"#;
     type Args = args::Args;
     type ConfigError = config::ConfigError;
