@@ -551,11 +551,41 @@ mod tests {
         }]
     }
 
+    /// Whether any page of `[off, off + len)` of `fd` is in the page cache (mincore).
+    fn resident(fd: RawFd, off: usize, len: usize) -> bool {
+        // SAFETY: a fresh shared read-only mapping of the file; nothing else uses it.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                off + len,
+                libc::PROT_READ,
+                libc::MAP_SHARED,
+                fd,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let page = 4096;
+        let mut vec = vec![0u8; (off + len).div_ceil(page)];
+        // SAFETY: `p` maps `off + len` bytes; `vec` has one byte per page of it.
+        let r = unsafe { libc::mincore(p, off + len, vec.as_mut_ptr()) };
+        assert_eq!(r, 0);
+        // SAFETY: unmaps exactly the mapping made above.
+        unsafe { libc::munmap(p, off + len) };
+        vec[off / page..].iter().any(|b| b & 1 != 0)
+    }
+
     /// `read_now` serves what the page cache holds whole, declines what it does not (not
     /// cached, or past the end of the file) without waiting, and never runs on the sync engine.
     #[test]
     fn read_now_serves_only_what_the_cache_holds() {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
+        // On the disk the build is on, not /tmp, which may be a tmpfs that cannot evict.
+        let target = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target");
+        let mut f = if target.is_dir() {
+            tempfile::NamedTempFile::new_in(target).unwrap()
+        } else {
+            tempfile::NamedTempFile::new().unwrap()
+        };
         let data: Vec<u8> = (0..1u32 << 20).map(|i| (i % 253) as u8).collect();
         f.write_all(&data).unwrap();
         f.as_file().sync_all().unwrap();
@@ -563,12 +593,18 @@ mod tests {
         let mut e = Engine::Uring(Box::new(UringEngine::new(fd, 8).unwrap()));
         let mut buf = vec![0u8; 8192];
 
-        // Evict the (clean) pages: the read would have to wait for the disk.
+        // Evict the (clean) pages: the read would have to wait for the disk. Some
+        // filesystems (tmpfs, some overlays) keep them; there this half cannot be shown,
+        // and says so rather than passing on a read that never had to wait.
         // SAFETY: fadvise has no memory arguments.
         let r = unsafe { libc::posix_fadvise(fd, 0, 0, libc::POSIX_FADV_DONTNEED) };
         assert_eq!(r, 0);
-        // SAFETY: `buf` outlives the call.
-        assert_eq!(unsafe { e.read_now(65536, &iov(&mut buf)) }, None);
+        if resident(fd, 65536, 8192) {
+            eprintln!("page cache kept the file after DONTNEED: uncached case not exercised");
+        } else {
+            // SAFETY: `buf` outlives the call.
+            assert_eq!(unsafe { e.read_now(65536, &iov(&mut buf)) }, None);
+        }
 
         // Cached again (an ordinary read): served, with the right bytes.
         let mut warm = vec![0u8; 8192];
