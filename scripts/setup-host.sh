@@ -58,7 +58,9 @@ fi
 
 pkgs=()
 # systemd: systemd-socket-activate and systemd-analyze for the service tests (not run as init).
-for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1 systemd; do
+# python3-prometheus-client: the OpenMetrics parser the metrics tests check the exposition with.
+for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1 systemd \
+    python3-prometheus-client; do
     dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
 done
 if [ "$bench" = 1 ]; then

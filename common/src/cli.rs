@@ -25,6 +25,16 @@ pub struct CommonArgs {
     #[command(flatten)]
     pub sandbox: SandboxArgs,
 
+    /// Serve metrics (OpenMetrics text, HTTP GET /metrics) on HOST:PORT or unix:PATH. Off by
+    /// default.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics: Option<crate::control::MetricsAddr>,
+
+    /// Serve the control socket (one JSON request per line; see vhostboxctl) at PATH. It gets
+    /// the vhost-user socket's --socket-group and --socket-mode.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<std::path::PathBuf>,
+
     /// Test builds only: after entering the jail, the worker attempts this escape and reports
     /// the outcome (see docs/security.md).
     #[cfg(feature = "jail-probe")]
@@ -63,6 +73,10 @@ pub struct CommonConfig {
     pub ids: Ids,
     /// Per-worker cgroup limits (none asked: no cgroups are made).
     pub cgroup_limits: crate::sandbox::cgroup::CgroupLimits,
+    /// `--metrics`: where the supervisor serves metrics.
+    pub metrics: Option<crate::control::MetricsAddr>,
+    /// `--control`: the control socket's path.
+    pub control: Option<std::path::PathBuf>,
     /// Test builds: the escape the worker attempts after entering the jail.
     pub jail_probe: Option<String>,
     /// Test builds: jail layers left out.
@@ -86,6 +100,8 @@ impl TryFrom<CommonArgs> for CommonConfig {
             cgroup_limits: a.sandbox.cgroup_limits()?,
             sandbox: a.sandbox.sandbox,
             seccomp: a.sandbox.seccomp,
+            metrics: a.metrics,
+            control: a.control,
             jail_probe,
             #[cfg(feature = "jail-probe")]
             jail_probe_without: a.jail_probe_without,

@@ -112,6 +112,8 @@ pub trait Device: Sized {
     /// What `--print-capabilities` prints: a VHostUserBackendCapabilities of QEMU's
     /// docs/interop/vhost-user.json, one line of JSON.
     const CAPABILITIES: &'static str;
+    /// The per-queue series the device counts in [`crate::metrics::Page`] (`--metrics`).
+    const METRICS: &'static [crate::metrics::Def] = &[];
     /// The command line (a clap parser that flattens [`crate::cli::CommonArgs`]).
     type Args: Parser;
     /// Why the command line cannot be used.
@@ -131,6 +133,11 @@ pub trait Device: Sized {
 
     /// In the supervisor, with its privileges, before any worker exists.
     fn open(&self) -> Result<Self::Opened, Self::OpenError>;
+
+    /// Blocks of counters in the metrics page: queues (blk), queue pairs (net).
+    fn metric_queues(&self) -> usize {
+        1
+    }
 
     /// The worker's resource limits.
     fn limits(&self, opened: &Self::Opened) -> Limits;
@@ -185,6 +192,13 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         Ok(o) => o,
         Err(e) => return usage(D::NAME, &e),
     };
+    let server = match service_endpoints(common, dev.metric_queues()) {
+        Ok(s) => s,
+        Err(e) => return usage(D::NAME, &e),
+    };
+    if let Some(a) = server.as_ref().and_then(|s| s.metrics_addr()) {
+        info!("serving metrics on {a}");
+    }
     match &common.listen {
         crate::listener::ListenOn::Activated { fd, name } => {
             info!("listening on the socket systemd passed: fd {fd} ('{name}')")
@@ -233,7 +247,13 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     };
     // Only for syscall names in the supervisor's messages.
     let names = dev.seccomp(&opened, 1);
-    let code = supervisor::supervise(&jail, &names, |ctx| {
+    let service = supervisor::Service {
+        name: D::NAME,
+        defs: D::METRICS,
+        queues: dev.metric_queues(),
+        server,
+    };
+    let code = supervisor::supervise(&jail, &names, service, |ctx| {
         worker(dev, &opened, &jail, &listener, common, ctx)
     });
     drop(chroot_dir);
@@ -248,6 +268,32 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
             }
         }
     }
+}
+
+/// Why the metrics page or an endpoint could not be set up.
+#[derive(Debug, thiserror::Error)]
+enum EndpointError {
+    #[error("cannot map the metrics page")]
+    Page(#[source] std::io::Error),
+    #[error(transparent)]
+    Serve(#[from] crate::control::ServeError),
+}
+
+/// The metrics page (before any worker exists, so that every worker shares it) and the
+/// `--metrics` / `--control` endpoints, when asked for.
+fn service_endpoints(
+    common: &CommonConfig,
+    queues: usize,
+) -> Result<Option<crate::control::Server>, EndpointError> {
+    if common.metrics.is_none() && common.control.is_none() {
+        return Ok(None);
+    }
+    crate::metrics::Page::install(queues).map_err(EndpointError::Page)?;
+    Ok(crate::control::Server::open(
+        common.metrics.as_ref(),
+        common.control.as_deref(),
+        common.socket_perms,
+    )?)
 }
 
 fn usage(name: &str, e: &dyn std::error::Error) -> i32 {

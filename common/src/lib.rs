@@ -7,11 +7,14 @@
 pub mod backend;
 pub mod cli;
 pub mod connection;
+pub mod control;
+pub mod ctl;
 pub mod guest;
 pub mod inflight;
 pub mod launch;
 pub mod listener;
 pub mod logging;
+pub mod metrics;
 pub mod poll;
 pub mod relay;
 pub mod ring;

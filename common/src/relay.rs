@@ -43,6 +43,8 @@ use vhost::vhost_user::Listener;
 use vm_memory::ByteValued;
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+use crate::metrics::{self, ConnWord};
+
 /// The most fds one vhost-user message carries (VHOST_MEMORY_BASELINE_NREGIONS).
 const MAX_FDS: usize = 8;
 /// Bytes of the message header: request, flags, size (three native-endian u32).
@@ -626,6 +628,7 @@ fn relay(
         return;
     }
     let mut early = EarlyEnable::default();
+    metrics::set_conn(ConnWord::Connected, 1);
     let r = (|| -> io::Result<()> {
         loop {
             let (from_frontend, from_backend) = wait_readable(&frontend, &backend)?;
@@ -654,6 +657,7 @@ fn relay(
                     }
                     continue;
                 }
+                record(&m);
                 write_msg(&backend, &m)?;
                 for e in early.after(&m) {
                     write_msg(&backend, &e)?;
@@ -670,8 +674,55 @@ fn relay(
     if let Err(e) = r {
         debug!("relay ended: {e}");
     }
+    metrics::set_conn(ConnWord::Connected, 0);
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = backend.shutdown(std::net::Shutdown::Both);
+}
+
+/// Notes in the metrics page what the frontend set up (features, rings, memory), for the
+/// supervisor's `status`.
+fn record(m: &Msg) {
+    use FrontendReq::*;
+    match m.request() {
+        Some(SET_FEATURES) => {
+            if let Some(v) = m.payload_as::<u64>() {
+                metrics::set_conn(ConnWord::Features, v);
+            }
+        }
+        Some(SET_PROTOCOL_FEATURES) => {
+            if let Some(v) = m.payload_as::<u64>() {
+                metrics::set_conn(ConnWord::ProtocolFeatures, v);
+            }
+        }
+        Some(SET_VRING_ENABLE) => {
+            if let Some(st) = m.payload_as::<VhostUserVringState>() {
+                let (index, num) = (st.index, st.num);
+                if index < 64 {
+                    let bits = metrics::conn(ConnWord::RingsEnabled);
+                    let bits = if num != 0 {
+                        bits | 1 << index
+                    } else {
+                        bits & !(1 << index)
+                    };
+                    metrics::set_conn(ConnWord::RingsEnabled, bits);
+                }
+            }
+        }
+        Some(SET_MEM_TABLE) => {
+            if let Some(h) = m.payload_as::<VhostUserMemory>() {
+                metrics::set_conn(ConnWord::MemRegions, u64::from(h.num_regions));
+            }
+        }
+        Some(ADD_MEM_REG) => {
+            let n = metrics::conn(ConnWord::MemRegions);
+            metrics::set_conn(ConnWord::MemRegions, n.saturating_add(1));
+        }
+        Some(REM_MEM_REG) => {
+            let n = metrics::conn(ConnWord::MemRegions);
+            metrics::set_conn(ConnWord::MemRegions, n.saturating_sub(1));
+        }
+        _ => {}
+    }
 }
 
 #[cfg(test)]

@@ -16,6 +16,8 @@ use std::time::Duration;
 use log::{debug, warn};
 use sd_notify::NotifyState;
 
+use crate::metrics;
+
 /// Sends state changes to the service manager, if there is one.
 #[derive(Debug)]
 pub struct Notifier {
@@ -69,5 +71,187 @@ impl Notifier {
     /// A stop has begun.
     pub fn stopping(&self) {
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);
+    }
+}
+
+/// The current worker, as the supervisor sees it.
+#[derive(Debug, Clone)]
+pub struct WorkerReport {
+    pub pid: i32,
+    /// 1 for the first worker, counting up with each replacement.
+    pub generation: u64,
+    /// It reported a frontend connected.
+    pub serving: bool,
+    pub uptime: Duration,
+}
+
+/// What the supervisor knows, for `--metrics` and `--control`.
+#[derive(Debug, Clone)]
+pub struct Report {
+    pub name: &'static str,
+    pub uptime: Duration,
+    pub worker: Option<WorkerReport>,
+    pub connections: u64,
+    pub restarts: u64,
+    pub seccomp_kills: std::collections::BTreeMap<String, u64>,
+    pub exits: std::collections::BTreeMap<&'static str, u64>,
+    pub cpu_supervisor: f64,
+    pub cpu_workers: f64,
+    pub stopping: bool,
+    pub queues: usize,
+}
+
+/// Every series: the supervisor's, then the device's from the shared page.
+pub fn snapshot(r: &Report, defs: &[metrics::Def]) -> metrics::Snapshot {
+    use metrics::{ConnWord, Value};
+    use prometheus_client::metrics::MetricType::{Counter, Gauge, Info};
+    let mut s = metrics::Snapshot::default();
+    let l = |k: &str, v: &str| vec![(k.to_string(), v.to_string())];
+    s.push(
+        "build",
+        "The backend and its version.",
+        Info,
+        vec![
+            ("backend".into(), r.name.into()),
+            ("version".into(), env!("CARGO_PKG_VERSION").into()),
+        ],
+        Value::Int(1),
+    );
+    s.push(
+        "connections",
+        "Frontend connections served.",
+        Counter,
+        vec![],
+        Value::Int(r.connections),
+    );
+    s.push(
+        "frontend_connected",
+        "1 while a frontend is connected.",
+        Gauge,
+        vec![],
+        Value::Int(metrics::conn(ConnWord::Connected)),
+    );
+    s.push(
+        "worker_restarts",
+        "Workers replaced after they died (a clean end of a connection is not counted).",
+        Counter,
+        vec![],
+        Value::Int(r.restarts),
+    );
+    for how in ["finished", "failed", "signal", "seccomp", "setup_failed"] {
+        s.push(
+            "worker_exits",
+            "Workers that ended, by how: finished (the connection ended), failed (non-zero \
+             exit), signal, seccomp (killed by the filter), setup_failed.",
+            Counter,
+            l("how", how),
+            Value::Int(r.exits.get(how).copied().unwrap_or(0)),
+        );
+    }
+    if r.seccomp_kills.is_empty() {
+        // The family is always there, so a query for it finds zero rather than nothing.
+        s.families.push(metrics::Family {
+            name: "seccomp_kills".into(),
+            help: "Workers killed by the seccomp filter, by the syscall they tried.".into(),
+            kind: Counter,
+            samples: vec![],
+        });
+    }
+    for (name, n) in &r.seccomp_kills {
+        s.push(
+            "seccomp_kills",
+            "Workers killed by the seccomp filter, by the syscall they tried.",
+            Counter,
+            l("syscall", name),
+            Value::Int(*n),
+        );
+    }
+    for (who, v) in [("supervisor", r.cpu_supervisor), ("workers", r.cpu_workers)] {
+        s.push(
+            "cpu_seconds",
+            "CPU time (user and system) of the supervisor and of all its workers.",
+            Counter,
+            l("process", who),
+            Value::Float(v),
+        );
+    }
+    if let Some(p) = metrics::Page::get() {
+        s.push_queues(p, defs);
+    }
+    s
+}
+
+const COMMANDS: &str = "status, stats, resize, set-limits, upgrade, help";
+
+/// One control command.
+pub fn command(
+    r: &Report,
+    defs: &[metrics::Def],
+    command: &str,
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Result<serde_json::Value, String> {
+    use metrics::ConnWord;
+    match command {
+        "status" => {
+            let rings = metrics::conn(ConnWord::RingsEnabled);
+            let worker = r.worker.as_ref().map(|w| {
+                serde_json::json!({
+                    "pid": w.pid,
+                    "generation": w.generation,
+                    "serving": w.serving,
+                    "uptime_seconds": w.uptime.as_secs_f64(),
+                })
+            });
+            let connected = metrics::conn(ConnWord::Connected) == 1;
+            Ok(serde_json::json!({
+                "backend": r.name,
+                "version": env!("CARGO_PKG_VERSION"),
+                "pid": std::process::id(),
+                "uptime_seconds": r.uptime.as_secs_f64(),
+                "state": if r.stopping { "stopping" } else if connected { "serving" } else { "waiting" },
+                "worker": worker,
+                "connections": r.connections,
+                "restarts": r.restarts,
+                "queues": r.queues,
+                "frontend": {
+                    "connected": connected,
+                    "features": format!("{:#x}", metrics::conn(ConnWord::Features)),
+                    "protocol_features": format!("{:#x}", metrics::conn(ConnWord::ProtocolFeatures)),
+                    "rings_enabled": (0..64).filter(|i| rings & 1 << i != 0).collect::<Vec<u32>>(),
+                    "memory_regions": metrics::conn(ConnWord::MemRegions),
+                },
+            }))
+        }
+        "stats" => Ok(serde_json::json!({ "metrics": snapshot(r, defs).json() })),
+        "resize" => {
+            let size = args
+                .get("size")
+                .ok_or("resize needs \"size\" (bytes or 10G)")?;
+            let size = match size {
+                serde_json::Value::Number(n) => n.as_u64().ok_or("size: not a byte count")?,
+                serde_json::Value::String(s) => {
+                    crate::size::parse_size(s).map_err(|e| e.to_string())?
+                }
+                _ => return Err("size: a number of bytes or a string such as \"10G\"".into()),
+            };
+            if r.name != "vhostbox-blk" {
+                return Err(format!("resize: {} has no disk to resize", r.name));
+            }
+            Err(format!(
+                "resize to {size} bytes: not supported by this version (the device side, a \
+                 capacity change and the config-change message, is not implemented yet)"
+            ))
+        }
+        "set-limits" => Err(format!(
+            "set-limits: {} has no I/O limits in this version",
+            r.name
+        )),
+        "upgrade" => Err(format!(
+            "upgrade: not supported by this version of {}; restart the service instead \
+             (frontends with reconnect enabled reconnect to the new process)",
+            r.name
+        )),
+        "help" => Ok(serde_json::json!({ "commands": COMMANDS })),
+        other => Err(format!("unknown command '{other}' (commands: {COMMANDS})")),
     }
 }

@@ -37,7 +37,7 @@ fuzz_target!(|data: &[u8]| {
     let mut q = queue(qs, data[1] & 1 != 0);
     let mem = Arc::new(memory(&data[2..]));
     let mem_handle = vm_memory::GuestMemoryAtomic::from(mem.clone());
-    let mut w = BlkQueue::new(shared(data[1] & 2 != 0), None, qs, mem_handle);
+    let mut w = BlkQueue::new(shared(data[1] & 2 != 0), None, 0, qs, mem_handle);
     let _ = w.start_tracking(None, &mut q, &mem);
     for _ in 0..3 {
         if w.process_queue(&mut q, &mem).is_err() {

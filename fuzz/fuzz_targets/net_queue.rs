@@ -65,7 +65,10 @@ fuzz_target!(|data: &[u8]| {
         full_after: usize::from(data[13]),
         written: 0,
     };
-    let mut w = QueuePair::new(tap, Arc::new(NetStats::default()));
+    let mut w = QueuePair::new(
+        tap,
+        vhostbox_common::metrics::QueueStats::Own(Arc::new(NetStats::default())),
+    );
     w.set_features(features);
     let mut q = queue(qs, event_idx);
     let mem = memory(&data[16..]);

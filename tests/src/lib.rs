@@ -1,6 +1,7 @@
 //! Helpers for the protocol and VM tests: start the real backend binaries, wait for their
 //! sockets, and drive them with real frontends.
 
+pub mod blkio_client;
 pub mod blkreq;
 pub mod frontend;
 pub mod hostile;

@@ -15,6 +15,7 @@ pub mod lock;
 pub mod queue;
 pub mod request;
 pub mod seccomp;
+pub mod stats;
 
 use std::io;
 use std::sync::atomic::AtomicBool;
@@ -52,6 +53,7 @@ impl launch::Device for Blk {
     const NAME: &'static str = "vhostbox-blk";
     const QUEUES_FLAG: &'static str = "--num-queues";
     const CAPABILITIES: &'static str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
+    const METRICS: &'static [vhostbox_common::metrics::Def] = stats::METRICS;
     type Args = args::Args;
     type ConfigError = config::ConfigError;
     type Opened = Arc<Shared>;
@@ -108,6 +110,10 @@ impl launch::Device for Blk {
         }))
     }
 
+    fn metric_queues(&self) -> usize {
+        usize::from(self.cfg.num_queues)
+    }
+
     fn limits(&self, shared: &Arc<Shared>) -> Limits {
         let nq = u64::from(self.cfg.num_queues);
         Limits {
@@ -156,7 +162,13 @@ impl launch::Device for Blk {
                     });
                 }
             }
-            let mut q = BlkQueue::new(shared.clone(), engine, cfg.queue_size, mem.clone());
+            let mut q = BlkQueue::new(
+                shared.clone(),
+                engine,
+                usize::from(i),
+                cfg.queue_size,
+                mem.clone(),
+            );
             q.poll = AdaptivePoll::new(cfg.poll_max);
             q.track_in(slot.clone(), usize::from(i));
             queues.push(q);

@@ -15,6 +15,7 @@ use log::{debug, info, warn};
 use vhostbox_common::guest;
 use vhostbox_common::inflight::{InflightSlot, QueueTracker};
 use vhostbox_common::launch::GuestMemHandle;
+use vhostbox_common::metrics::{self, QueueStats};
 use vhostbox_common::poll::AdaptivePoll;
 use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
@@ -27,6 +28,7 @@ use crate::request::{
     VIRTIO_BLK_ID_BYTES, VIRTIO_BLK_S_IOERR, VIRTIO_BLK_S_OK, VIRTIO_BLK_S_UNSUPP,
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
+use crate::stats::{QueueCounters, LATENCY_BOUNDS_NS};
 
 pub use vhostbox_common::launch::GuestMem;
 
@@ -67,6 +69,8 @@ struct Slot {
     /// Keeps the guest memory mapped until the kernel is done with it, even if the frontend
     /// replaces the memory table meanwhile.
     mem: Option<Arc<GuestMem>>,
+    /// When the request was taken (timed queues only).
+    t0: Option<Instant>,
 }
 
 /// The vring a queue runs on, as its loop needs it.
@@ -115,6 +119,11 @@ pub struct BlkQueue {
     pub poll: AdaptivePoll,
     /// Bytes of reads and writes the current pass started.
     pass_bytes: usize,
+    /// This queue's counters (in the metrics page when the supervisor serves them).
+    stats: QueueStats<QueueCounters>,
+    /// The time of the current pass or batch of completions, when latency is measured (only
+    /// when the counters are served: it costs a clock read per pass and per request).
+    clock: Option<Instant>,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
@@ -126,10 +135,12 @@ impl BlkQueue {
     pub fn new(
         shared: Arc<Shared>,
         engine: Option<Engine>,
+        index: usize,
         queue_size: u16,
         mem: GuestMemHandle,
     ) -> Self {
         let n = u32::from(queue_size.max(1));
+        let stats = QueueStats::for_queue(index);
         Self {
             shared,
             engine,
@@ -140,6 +151,7 @@ impl BlkQueue {
                     used_len: 0,
                     iov: Vec::new(),
                     mem: None,
+                    t0: None,
                 })
                 .collect(),
             free: (0..n).rev().collect(),
@@ -160,6 +172,20 @@ impl BlkQueue {
             progress: false,
             poll: AdaptivePoll::new(Duration::ZERO),
             pass_bytes: 0,
+            clock: None,
+            stats,
+        }
+    }
+
+    /// This queue's counters.
+    pub fn stats(&self) -> &QueueCounters {
+        &self.stats
+    }
+
+    /// Starts a pass or a batch of completions: the time it began, if latency is measured.
+    fn tick(&mut self) {
+        if self.stats.served() {
+            self.clock = Some(Instant::now());
         }
     }
 
@@ -326,6 +352,7 @@ impl BlkQueue {
         let mut popped = 0usize;
         let mut cut = false;
         self.pass_bytes = 0;
+        self.tick();
         while !self.free.is_empty() && !self.stopping {
             if self.pass_bytes >= PASS_BYTES && ring::has_avail(queue, &**mem) {
                 // Enough data for one pass: let the caller publish and notify, so the driver
@@ -351,6 +378,7 @@ impl BlkQueue {
         if let Some(e) = self.engine.as_mut() {
             e.kick()?;
         }
+        metrics::set(&self.stats.in_flight, self.in_flight() as u64);
         self.last_popped = popped;
         self.progress |= popped > 0;
         if cut {
@@ -570,6 +598,7 @@ impl BlkQueue {
         engine.consume_event();
         let mut done = std::mem::take(&mut self.done);
         engine.reap(&mut done);
+        self.tick();
         let mut used = false;
         self.progress |= !done.is_empty();
         for c in done.drain(..) {
@@ -578,6 +607,8 @@ impl BlkQueue {
         self.done = done;
         if used {
             used |= self.process_queue(queue, mem)?;
+        } else {
+            metrics::set(&self.stats.in_flight, self.in_flight() as u64);
         }
         Ok(used)
     }
@@ -591,12 +622,14 @@ impl BlkQueue {
                 e.wait()?;
                 let mut done = std::mem::take(&mut self.done);
                 e.reap(&mut done);
+                self.tick();
                 for c in done.drain(..) {
                     used |= self.complete(c, queue, mem)?;
                 }
                 self.done = done;
             }
         }
+        metrics::set(&self.stats.in_flight, 0);
         Ok(used)
     }
 
@@ -627,7 +660,7 @@ impl BlkQueue {
         let Some(slot) = self.slots.get(c.token as usize) else {
             return Ok(false);
         };
-        let (head, status_addr, used_len) = (slot.head, slot.status, slot.used_len);
+        let (head, status_addr, used_len, t0) = (slot.head, slot.status, slot.used_len, slot.t0);
         let status = match c.result {
             Ok(_) => VIRTIO_BLK_S_OK,
             Err(e) => {
@@ -636,7 +669,7 @@ impl BlkQueue {
             }
         };
         self.release(c.token);
-        self.finish(queue, mem, head, status_addr, status, used_len)?;
+        self.finish(queue, mem, head, status_addr, status, used_len, t0)?;
         Ok(true)
     }
 
@@ -651,6 +684,8 @@ impl BlkQueue {
         }
     }
 
+    /// Writes the status, counts the completion (and its latency, from `t0`) and publishes.
+    #[allow(clippy::too_many_arguments)]
     fn finish(
         &mut self,
         queue: &mut Queue,
@@ -659,10 +694,24 @@ impl BlkQueue {
         status_addr: GuestAddress,
         status: u8,
         used_len: u32,
+        t0: Option<Instant>,
     ) -> io::Result<()> {
         // The address was checked when the chain was parsed; a failure here means the memory
         // table changed under us, and the guest then gets whatever its status byte held.
         let _ = guest::write_u8(mem, status_addr, status);
+        let i = match status {
+            VIRTIO_BLK_S_OK => 0,
+            VIRTIO_BLK_S_UNSUPP => 2,
+            _ => 1,
+        };
+        metrics::inc(&self.stats.completions[i]);
+        if let (Some(t0), Some(clock)) = (t0, self.clock) {
+            // Completions reaped in a batch share its time; a request finished in the pass
+            // that took it reads the clock itself.
+            let t1 = if t0 < clock { clock } else { Instant::now() };
+            let ns = t1.duration_since(t0).as_nanos().min(u128::from(u64::MAX)) as u64;
+            self.stats.latency.observe(ns, &LATENCY_BOUNDS_NS);
+        }
         self.publish(queue, mem, head, used_len)
     }
 
@@ -730,8 +779,9 @@ impl BlkQueue {
         };
         if parsed.is_err() || chain.is_err() {
             self.note_error(format_args!("malformed request {head}: {err}"));
+            metrics::inc(&self.stats.malformed);
             match status {
-                Some(s) => self.finish(queue, mem, head, s, VIRTIO_BLK_S_IOERR, 1)?,
+                Some(s) => self.finish(queue, mem, head, s, VIRTIO_BLK_S_IOERR, 1, self.clock)?,
                 // No status byte: the request can only be returned with nothing written.
                 None => self.publish(queue, mem, head, 0)?,
             }
@@ -755,6 +805,12 @@ impl BlkQueue {
         queue: &mut Queue,
         mem: &Arc<GuestMem>,
     ) -> io::Result<bool> {
+        metrics::inc(&self.stats.requests[QueueCounters::type_index(req.ty)]);
+        match req.ty {
+            RequestType::In => metrics::add(&self.stats.bytes[0], req.data_len),
+            RequestType::Out => metrics::add(&self.stats.bytes[1], req.data_len),
+            _ => {}
+        }
         let disk = &self.shared.disk;
         let (status, used_len) = match req.ty {
             RequestType::In | RequestType::Out => {
@@ -803,7 +859,7 @@ impl BlkQueue {
                 (VIRTIO_BLK_S_UNSUPP, 1)
             }
         };
-        self.finish(queue, mem, head, req.status, status, used_len)?;
+        self.finish(queue, mem, head, req.status, status, used_len, self.clock)?;
         Ok(true)
     }
 
@@ -885,6 +941,7 @@ impl BlkQueue {
         slot.head = head;
         slot.status = status;
         slot.used_len = used_len;
+        slot.t0 = self.clock;
         slot.iov.clear();
         let mut bad = false;
         for s in data.unwrap_or(&[]) {
@@ -907,7 +964,7 @@ impl BlkQueue {
         }
         if bad || slot.iov.len() > MAX_SEGMENTS {
             self.release(token);
-            self.finish(queue, mem, head, status, VIRTIO_BLK_S_IOERR, 1)?;
+            self.finish(queue, mem, head, status, VIRTIO_BLK_S_IOERR, 1, self.clock)?;
             return Ok(true);
         }
         let engine = self
@@ -1046,7 +1103,7 @@ mod tests {
             EngineKind::Sync => Engine::Sync(SyncEngine::new(fd)),
             EngineKind::IoUring => Engine::Uring(Box::new(UringEngine::new(fd, 64).unwrap())),
         };
-        BlkQueue::new(e.shared.clone(), Some(engine), QSIZE, handle(&e.mem))
+        BlkQueue::new(e.shared.clone(), Some(engine), 0, QSIZE, handle(&e.mem))
     }
 
     fn header(mem: &GuestMem, at: u64, ty: u32, sector: u64) {
@@ -1933,7 +1990,7 @@ mod tests {
         let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let mut vq = ring(&mem);
         let mut q: Queue = vq.queue();
-        let mut w = BlkQueue::new(shared, None, QSIZE, handle(&mem));
+        let mut w = BlkQueue::new(shared, None, 0, QSIZE, handle(&mem));
         mem.write_slice(&[0xffu8; 4096], GuestAddress(DATA))
             .unwrap();
         header(&mem, HDR, VIRTIO_BLK_T_IN, (1 << 21) - 8);

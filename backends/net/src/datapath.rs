@@ -20,6 +20,7 @@ use std::io;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use log::debug;
+use vhostbox_common::metrics::{self, Counters, QueueStats};
 use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
@@ -48,8 +49,10 @@ pub trait TapIo {
     unsafe fn write_frame(&mut self, iov: &[libc::iovec]) -> io::Result<usize>;
 }
 
-/// Counters, shared by all pairs of a device and logged when a frontend disconnects.
+/// A queue pair's counters, logged (summed over the pairs) when a frontend disconnects and, in
+/// the supervisor's metrics page, served by `--metrics` (see [`crate::stats`]).
 #[derive(Debug, Default)]
+#[repr(C)]
 pub struct NetStats {
     pub rx_frames: AtomicU64,
     pub rx_bytes: AtomicU64,
@@ -75,9 +78,21 @@ pub struct NetStats {
     pub tx_waits: AtomicU64,
 }
 
+// SAFETY: repr(C), AtomicU64s only, all-zero valid.
+unsafe impl Counters for NetStats {}
+
 impl NetStats {
     fn inc(c: &AtomicU64) {
-        c.fetch_add(1, Ordering::Relaxed);
+        metrics::inc(c);
+    }
+
+    /// Counters holding `values` (in layout order).
+    pub fn from_values(values: &[u64]) -> Self {
+        let s = NetStats::default();
+        for (w, v) in s.words().iter().zip(values) {
+            w.store(*v, Ordering::Relaxed);
+        }
+        s
     }
 
     /// One line for the log.
@@ -145,7 +160,7 @@ pub struct QueuePair<T: TapIo> {
     iov: Vec<libc::iovec>,
     chains: Vec<RxChain>,
     segs: Vec<(GuestAddress, usize)>,
-    stats: std::sync::Arc<NetStats>,
+    stats: QueueStats<NetStats>,
 }
 
 // SAFETY: the iovecs are scratch space, only valid during one TX call and never shared; the rest
@@ -153,7 +168,7 @@ pub struct QueuePair<T: TapIo> {
 unsafe impl<T: TapIo + Send> Send for QueuePair<T> {}
 
 impl<T: TapIo> QueuePair<T> {
-    pub fn new(tap: T, stats: std::sync::Arc<NetStats>) -> Self {
+    pub fn new(tap: T, stats: QueueStats<NetStats>) -> Self {
         Self {
             tap,
             features: 0,
@@ -383,10 +398,8 @@ impl<T: TapIo> QueuePair<T> {
                 .add_used(mem, c.head, written as u32)
                 .map_err(io::Error::other)?;
         }
-        self.stats.rx_frames.fetch_add(1, Ordering::Relaxed);
-        self.stats
-            .rx_bytes
-            .fetch_add((total - self.hdr_len) as u64, Ordering::Relaxed);
+        NetStats::inc(&self.stats.rx_frames);
+        metrics::add(&self.stats.rx_bytes, (total - self.hdr_len) as u64);
         Ok(())
     }
 
@@ -429,9 +442,7 @@ impl<T: TapIo> QueuePair<T> {
                     match unsafe { self.tap.write_frame(&self.iov) } {
                         Ok(_) => {
                             NetStats::inc(&self.stats.tx_frames);
-                            self.stats
-                                .tx_bytes
-                                .fetch_add((len - self.hdr_len) as u64, Ordering::Relaxed);
+                            metrics::add(&self.stats.tx_bytes, (len - self.hdr_len) as u64);
                         }
                         Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
@@ -615,7 +626,7 @@ mod tests {
         rx: Vq,
         tx: Vq,
         w: QueuePair<FakeTap>,
-        stats: Arc<NetStats>,
+        stats: QueueStats<NetStats>,
     }
 
     const V1: u64 = 1 << VIRTIO_F_VERSION_1;
@@ -635,7 +646,7 @@ mod tests {
         let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let rx = Vq::new(&mem, 0);
         let tx = Vq::new(&mem, 0x8000);
-        let stats = Arc::new(NetStats::default());
+        let stats = QueueStats::Own(Arc::new(NetStats::default()));
         let mut w = QueuePair::new(FakeTap::default(), stats.clone());
         w.set_features(features);
         Env {

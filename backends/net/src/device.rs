@@ -19,6 +19,7 @@ use vmm_sys_util::event::{EventConsumer, EventNotifier};
 
 use vhostbox_common::backend::{config_slice, read_only_config, thread_masks};
 use vhostbox_common::launch::GuestMemHandle;
+use vhostbox_common::metrics::QueueStats;
 
 use crate::config::Mac;
 use crate::datapath::{GuestMem, NetStats, QueuePair, TapIo};
@@ -126,7 +127,9 @@ pub struct NetBackend {
     pairs: Vec<Mutex<QueuePair<TapHandle>>>,
     acked: AtomicU64,
     exit: vhostbox_common::ExitEvents,
-    stats: Arc<NetStats>,
+    /// Each pair's counters, and what they held when this connection began.
+    stats: Vec<QueueStats<NetStats>>,
+    base: Vec<Vec<u64>>,
 }
 
 fn active(v: &VringRwLock) -> bool {
@@ -155,14 +158,19 @@ impl NetBackend {
                 warn!("tap {} queue {i}: cannot attach: {e}", tap.name);
             }
         }
-        let stats = Arc::new(NetStats::default());
-        let pairs = (0..usize::from(cfg.queue_pairs))
-            .map(|index| {
+        let stats: Vec<QueueStats<NetStats>> = (0..usize::from(cfg.queue_pairs))
+            .map(QueueStats::for_queue)
+            .collect();
+        let base = stats.iter().map(|s| s.snapshot()).collect();
+        let pairs = stats
+            .iter()
+            .enumerate()
+            .map(|(index, st)| {
                 let io = TapHandle {
                     tap: tap.clone(),
                     index,
                 };
-                Mutex::new(QueuePair::new(io, stats.clone()))
+                Mutex::new(QueuePair::new(io, st.clone()))
             })
             .collect();
         NetBackend {
@@ -173,6 +181,7 @@ impl NetBackend {
             acked: AtomicU64::new(0),
             exit: Default::default(),
             stats,
+            base,
         }
     }
 
@@ -181,14 +190,23 @@ impl NetBackend {
         2 * queue_pairs + 1
     }
 
-    pub fn stats(&self) -> &NetStats {
-        &self.stats
+    /// This connection's traffic, summed over the pairs.
+    pub fn stats(&self) -> NetStats {
+        let mut sum: Vec<u64> = Vec::new();
+        for (s, b) in self.stats.iter().zip(&self.base) {
+            let now = s.snapshot();
+            sum.resize(now.len(), 0);
+            for (i, v) in now.iter().enumerate() {
+                sum[i] += v.wrapping_sub(b.get(i).copied().unwrap_or(0));
+            }
+        }
+        NetStats::from_values(&sum)
     }
 
     /// The connection is over: the traffic summary, and no queue attached, so no stale
     /// frames wait for the next guest.
     pub fn finished(&self) {
-        info!("traffic of that connection: {}", self.stats.summary());
+        info!("traffic of that connection: {}", self.stats().summary());
         for (i, q) in self.tap.queues.iter().enumerate() {
             if let Err(e) = q.set_attached(false) {
                 warn!("tap {} queue {i}: cannot detach: {e}", self.tap.name);

@@ -11,6 +11,7 @@ pub mod datapath;
 pub mod device;
 pub mod hdr;
 pub mod seccomp;
+pub mod stats;
 pub mod tap;
 
 use std::sync::Arc;
@@ -35,6 +36,7 @@ impl launch::Device for Net {
     const QUEUES_FLAG: &'static str = "--queue-pairs";
     const RINGS_PER_QUEUE: u32 = 2;
     const CAPABILITIES: &'static str = r#"{"type":"net"}"#;
+    const METRICS: &'static [vhostbox_common::metrics::Def] = stats::METRICS;
     type Args = args::Args;
     type ConfigError = config::ConfigError;
     type Opened = Arc<Tap>;
@@ -93,6 +95,10 @@ impl launch::Device for Net {
             cfg.mtu.map(|m| format!(", mtu {m}")).unwrap_or_default()
         );
         Ok(Arc::new(tap))
+    }
+
+    fn metric_queues(&self) -> usize {
+        usize::from(self.cfg.queue_pairs)
     }
 
     fn limits(&self, _tap: &Arc<Tap>) -> Limits {

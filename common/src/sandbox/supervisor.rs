@@ -60,6 +60,14 @@ pub fn keep_from_workers(fd: RawFd) {
         .push(fd);
 }
 
+/// Undoes [`keep_from_workers`] for an fd about to be closed (its number may be reused).
+pub fn let_workers_forget(fd: RawFd) {
+    SUPERVISOR_ONLY
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .retain(|&f| f != fd);
+}
+
 /// What a worker knows about its supervisor.
 #[derive(Debug, Clone, Copy)]
 pub struct WorkerCtx {
@@ -280,22 +288,44 @@ pub fn report_serving() {
     }
 }
 
+/// What the supervisor serves about its device on `--metrics` and `--control`.
+pub struct Service {
+    /// The program's name.
+    pub name: &'static str,
+    /// The device's per-queue series (in [`crate::metrics::Page`]).
+    pub defs: &'static [crate::metrics::Def],
+    /// Queues (blk) or queue pairs (net).
+    pub queues: usize,
+    /// The endpoints, if any were asked for.
+    pub server: Option<crate::control::Server>,
+}
+
 /// Runs the supervisor until SIGTERM, SIGINT or SIGHUP. `worker` runs in each forked, not yet
 /// jailed worker process and returns its exit code; it must enter the jail itself (it knows
 /// which fds to keep) before serving. Returns the process exit code.
 pub fn supervise(
     jail: &JailConfig,
     rules: &Rules,
+    service: Service,
     mut worker: impl FnMut(WorkerCtx) -> i32,
 ) -> i32 {
     lift_memlock_for_rings();
-    match Supervisor::new(jail, rules).and_then(|mut s| s.run(&mut worker)) {
+    let mut server = None;
+    let code = match Supervisor::new(jail, rules, service).and_then(|mut s| {
+        let r = s.run(&mut worker);
+        server = s.service.server.take();
+        r
+    }) {
         Ok(code) => code,
         Err(e) => {
             error!("supervisor: {}", crate::error_chain(&e));
             1
         }
+    };
+    if let Some(s) = server {
+        s.remove();
     }
+    code
 }
 
 /// How a worker ended, as far as what comes next is concerned.
@@ -333,6 +363,24 @@ struct Supervisor<'a> {
     /// Workers replaced after they died (not counting clean ends of a connection).
     restarts: u64,
     watchdog: Option<Watchdog>,
+    /// What `--metrics` and `--control` serve.
+    service: Service,
+    /// Counters only the supervisor sees.
+    facts: Facts,
+    /// When the next worker may start (after a worker that died on its way up).
+    spawn_at: Option<Instant>,
+}
+
+/// The supervisor's own counters, for metrics and `status`.
+#[derive(Default)]
+struct Facts {
+    started: Option<Instant>,
+    /// Frontends served (each worker that reported SERVING).
+    connections: u64,
+    /// Workers killed by seccomp, by syscall name.
+    seccomp_kills: std::collections::BTreeMap<String, u64>,
+    /// Workers that ended, by how ("finished", "exited", "signal", "seccomp").
+    exits: std::collections::BTreeMap<&'static str, u64>,
 }
 
 /// The watchdog's state: pings to systemd only while the worker answers the heartbeat.
@@ -351,7 +399,11 @@ const FIRST_BACKOFF: Duration = Duration::from_millis(50);
 impl<'a> Supervisor<'a> {
     /// Blocks the signals it handles (into a signalfd), makes the report channel and narrows
     /// the process to what supervising needs.
-    fn new(jail: &'a JailConfig, rules: &'a Rules) -> Result<Self, SupervisorError> {
+    fn new(
+        jail: &'a JailConfig,
+        rules: &'a Rules,
+        service: Service,
+    ) -> Result<Self, SupervisorError> {
         let sigs = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
         // SAFETY: sigprocmask with a valid set.
         let r = unsafe { libc::sigprocmask(libc::SIG_BLOCK, &sigs, std::ptr::null_mut()) };
@@ -394,6 +446,12 @@ impl<'a> Supervisor<'a> {
             notify,
             ready: false,
             restarts: 0,
+            service,
+            facts: Facts {
+                started: Some(Instant::now()),
+                ..Default::default()
+            },
+            spawn_at: None,
         })
     }
 
@@ -402,6 +460,13 @@ impl<'a> Supervisor<'a> {
             if self.child.is_none() {
                 if self.stopping {
                     return Ok(0);
+                }
+                if let Some(at) = self.spawn_at {
+                    if Instant::now() < at {
+                        self.wait_and_handle()?;
+                        continue;
+                    }
+                    self.spawn_at = None;
                 }
                 self.generation += 1;
                 let ctx = WorkerCtx {
@@ -436,7 +501,7 @@ impl<'a> Supervisor<'a> {
     /// stopping) and handles what came.
     fn wait_and_handle(&mut self) -> Result<(), SupervisorError> {
         let notif_fd = self.notif.as_ref().map_or(-1, |l| l.as_raw_fd());
-        let mut fds = [
+        let mut fds: Vec<libc::pollfd> = [
             self.signals.as_raw_fd(),
             self.report_r.as_raw_fd(),
             notif_fd,
@@ -445,17 +510,31 @@ impl<'a> Supervisor<'a> {
             fd,
             events: libc::POLLIN,
             revents: 0,
+        })
+        .to_vec();
+        if let Some(s) = &self.service.server {
+            s.pollfds(&mut fds);
+        }
+        let now = Instant::now();
+        let mut waits: Vec<Duration> = Vec::new();
+        if self.stopping {
+            waits.push(Duration::from_millis(200));
+        }
+        if let Some(w) = self.watchdog.as_ref().filter(|_| self.ready) {
+            waits.push(w.next.saturating_duration_since(now));
+        }
+        if let Some(at) = self.spawn_at {
+            waits.push(at.saturating_duration_since(now));
+        }
+        if let Some(t) = self.service.server.as_ref().and_then(|s| s.timeout()) {
+            waits.push(t);
+        }
+        let timeout = waits.into_iter().min().map_or(-1, |d| {
+            // Round up: a deadline 0.4 ms away must not spin with timeout 0.
+            i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
         });
-        let timeout = if self.stopping {
-            200
-        } else if let Some(w) = self.watchdog.as_ref().filter(|_| self.ready) {
-            let left = w.next.saturating_duration_since(Instant::now());
-            i32::try_from(left.as_millis()).unwrap_or(i32::MAX)
-        } else {
-            -1
-        };
-        // SAFETY: fds is a valid array of three pollfds (poll skips the negative fd).
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 3, timeout) };
+        // SAFETY: fds is a valid array of pollfds of that length (poll skips a negative fd).
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         if r < 0 {
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
@@ -471,6 +550,10 @@ impl<'a> Supervisor<'a> {
             self.notif = None;
         }
         self.take_signals();
+        if let Some(mut srv) = self.service.server.take() {
+            srv.handle(&fds[3..], self);
+            self.service.server = Some(srv);
+        }
         self.watchdog_tick();
         if let (Some(c), Some(d)) = (&self.child, self.stop_deadline) {
             if Instant::now() > d {
@@ -513,6 +596,7 @@ impl<'a> Supervisor<'a> {
             if let Some(c) = self.child.as_mut() {
                 c.served = true;
             }
+            self.facts.connections += 1;
             self.notify.status(&format!(
                 "serving a frontend (worker {pid}; {})",
                 self.restarts_text()
@@ -619,6 +703,9 @@ impl<'a> Supervisor<'a> {
         }
         let ended = (c.pid, status, c.started.elapsed(), c.served);
         self.child = None;
+        if let Some(p) = crate::metrics::Page::get() {
+            p.worker_gone();
+        }
         self.notif = None;
         if let Some(w) = self.watchdog.as_mut() {
             w.awaiting = false;
@@ -630,21 +717,23 @@ impl<'a> Supervisor<'a> {
     /// Logs how worker `pid` ended.
     fn ended(&mut self, pid: i32, status: i32) -> Ended {
         if let Some(nr) = self.notified.take() {
-            error!(
-                "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
-                seccomp::syscall_name(nr, self.rules)
-            );
+            self.seccomp_kill(pid, nr);
         } else if libc::WIFEXITED(status) {
             match libc::WEXITSTATUS(status) {
                 0 => {
                     info!("worker {pid} finished");
+                    self.count_exit("finished");
                     return Ended::Finished;
                 }
                 EXIT_JAIL_FAILED => {
                     error!("worker {pid} could not enter its sandbox; giving up");
+                    self.count_exit("setup_failed");
                     return Ended::GiveUp;
                 }
-                c => warn!("worker {pid} exited with status {c}"),
+                c => {
+                    warn!("worker {pid} exited with status {c}");
+                    self.count_exit("failed");
+                }
             }
         } else if libc::WIFSIGNALED(status) {
             let sig = libc::WTERMSIG(status);
@@ -652,6 +741,7 @@ impl<'a> Supervisor<'a> {
                 self.report_trap(pid);
             } else {
                 error!("worker {pid} killed by signal {sig}");
+                self.count_exit("signal");
             }
         }
         Ended::Died
@@ -668,26 +758,38 @@ impl<'a> Supervisor<'a> {
             .find_map(|l| l.strip_prefix("SECCOMP "))
             .and_then(|v| v.trim().parse::<i64>().ok());
         match nr {
-            Some(nr) => error!(
-                "worker {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
-                seccomp::syscall_name(nr, self.rules)
-            ),
-            None => error!(
-                "worker {pid} killed by SIGSYS without a report (it did not come from the \
-                 seccomp filter's trap handler)"
-            ),
+            Some(nr) => self.seccomp_kill(pid, nr),
+            None => {
+                error!(
+                    "worker {pid} killed by SIGSYS without a report (it did not come from the \
+                     seccomp filter's trap handler)"
+                );
+                self.count_exit("signal");
+            }
         }
         self.reports.clear();
     }
 
+    fn seccomp_kill(&mut self, pid: i32, nr: i64) {
+        let name = seccomp::syscall_name(nr, self.rules);
+        error!("worker {pid} killed by seccomp: syscall {nr} ({name}) is not allowed");
+        *self.facts.seccomp_kills.entry(name).or_default() += 1;
+        self.count_exit("seccomp");
+    }
+
+    fn count_exit(&mut self, how: &'static str) {
+        *self.facts.exits.entry(how).or_default() += 1;
+    }
+
     /// After a death: one that dies right after starting would otherwise be respawned in a
     /// tight loop; one that died while serving is replaced at once (the frontend is waiting).
+    /// The pause is a deadline of the poll loop, which keeps serving signals and clients.
     fn pace(&mut self, pid: i32, lived: Duration, served: bool) {
         if served {
             info!("replacing worker {pid}, which was serving a frontend");
             self.backoff = FIRST_BACKOFF;
         } else if lived < Duration::from_secs(2) {
-            std::thread::sleep(self.backoff);
+            self.spawn_at = Some(Instant::now() + self.backoff);
             self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
         } else {
             self.backoff = FIRST_BACKOFF;
@@ -820,5 +922,77 @@ impl EmptyDir {
 impl Drop for EmptyDir {
     fn drop(&mut self) {
         let _ = fs::remove_dir(&self.0);
+    }
+}
+
+/// CPU seconds of process `pid` from /proc (0 if it cannot be read).
+fn proc_cpu_seconds(pid: i32) -> f64 {
+    let Ok(s) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return 0.0;
+    };
+    // The command name is in parentheses and may hold spaces: fields count from after it.
+    let Some(rest) = s.rfind(')').map(|i| &s[i + 1..]) else {
+        return 0.0;
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of stat(5), 12 and 13 after the name.
+    let ticks: u64 = [11, 12]
+        .iter()
+        .filter_map(|&i| f.get(i).and_then(|v| v.parse::<u64>().ok()))
+        .sum();
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1);
+    ticks as f64 / hz as f64
+}
+
+/// CPU seconds (user + system) of this process, or of its reaped children.
+fn rusage_seconds(who: libc::c_int) -> f64 {
+    // SAFETY: rusage is plain integers; getrusage fills it in.
+    let mut r: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: a valid pointer to our struct.
+    if unsafe { libc::getrusage(who, &mut r) } != 0 {
+        return 0.0;
+    }
+    let t = |v: libc::timeval| v.tv_sec as f64 + v.tv_usec as f64 / 1e6;
+    t(r.ru_utime) + t(r.ru_stime)
+}
+
+impl Supervisor<'_> {
+    /// What the supervisor knows now, for metrics and the control socket.
+    fn report(&self) -> crate::service::Report {
+        let worker = self.child.as_ref().map(|c| crate::service::WorkerReport {
+            pid: c.pid,
+            generation: self.generation,
+            serving: c.served,
+            uptime: c.started.elapsed(),
+        });
+        crate::service::Report {
+            name: self.service.name,
+            uptime: self.facts.started.map_or(Duration::ZERO, |s| s.elapsed()),
+            worker,
+            connections: self.facts.connections,
+            restarts: self.restarts,
+            seccomp_kills: self.facts.seccomp_kills.clone(),
+            exits: self.facts.exits.clone(),
+            cpu_supervisor: rusage_seconds(libc::RUSAGE_SELF),
+            cpu_workers: rusage_seconds(libc::RUSAGE_CHILDREN)
+                + self.child.as_ref().map_or(0.0, |c| proc_cpu_seconds(c.pid)),
+            stopping: self.stopping,
+            queues: self.service.queues,
+        }
+    }
+}
+
+impl crate::control::Handler for Supervisor<'_> {
+    fn metrics(&mut self) -> String {
+        crate::service::snapshot(&self.report(), self.service.defs).openmetrics()
+    }
+
+    fn command(
+        &mut self,
+        command: &str,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        crate::service::command(&self.report(), self.service.defs, command, args)
     }
 }
