@@ -46,7 +46,7 @@ const LATENCY_BOUNDS_S: [f64; 15] = [
 #[derive(Default)]
 #[repr(C)]
 pub struct QueueCounters {
-    /// Requests taken, by type (see [`TYPES`]).
+    /// Requests taken, by type: read, write, flush, get_id, discard, write_zeroes, unsupported.
     pub requests: [AtomicU64; 7],
     /// Bytes of read and of write requests taken.
     pub bytes: [AtomicU64; 2],
