@@ -52,16 +52,21 @@ fn blk_bench_reports_every_contender() {
         let names: Vec<&str> = r.iter().map(|x| x.0.as_str()).collect();
         assert_eq!(
             names,
-            ["vhostbox io-uring", "vhostbox sync", "qemu-storage-daemon"],
+            [
+                "vhostbox io-uring",
+                "vhostbox io-uring +metrics",
+                "vhostbox sync",
+                "qemu-storage-daemon"
+            ],
             "{workload}:\n{md}"
         );
         for (name, iops, _) in &r {
             assert!(*iops > 0.0, "{workload}: {name} measured no I/O:\n{md}");
         }
-        assert_eq!(r[2].2, "1.00x", "ratios are against the peer:\n{md}");
+        assert_eq!(r[3].2, "1.00x", "ratios are against the peer:\n{md}");
     }
     let csv = std::fs::read_to_string(dir.path().join("results.csv")).unwrap();
-    assert_eq!(csv.lines().count(), 1 + 2 * 3, "one line per run:\n{csv}");
+    assert_eq!(csv.lines().count(), 1 + 2 * 4, "one line per run:\n{csv}");
     let svg = std::fs::read_to_string(dir.path().join("iops.svg")).unwrap();
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
@@ -87,17 +92,18 @@ fn blk_bench_has_the_direct_limit_row_on_the_file() {
             names,
             [
                 "vhostbox io-uring",
+                "vhostbox io-uring +metrics",
                 "vhostbox sync",
                 "qemu-storage-daemon",
                 "direct io_uring (limit)"
             ],
             "{workload}:\n{md}"
         );
-        let limit: Vec<&str> = lines[3].split('|').map(str::trim).collect();
+        let limit: Vec<&str> = lines[4].split('|').map(str::trim).collect();
         assert!(limit[4].parse::<f64>().unwrap() > 0.0, "{md}");
         assert_eq!(limit[9], "—", "the limit has no backend CPU:\n{md}");
         assert_eq!(limit[13], "1.00x", "{md}");
-        for l in &lines[..3] {
+        for l in &lines[..4] {
             let c: Vec<&str> = l.split('|').map(str::trim).collect();
             assert!(c[13].ends_with('x') && c[13] != "—", "{l}");
         }
@@ -123,7 +129,11 @@ fn blk_bench_names_a_contender_that_cannot_start() {
     );
     assert!(ok, "vhostbox-bench failed:\n{log}");
     let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
-    for name in ["vhostbox io-uring", "vhostbox sync"] {
+    for name in [
+        "vhostbox io-uring",
+        "vhostbox io-uring +metrics",
+        "vhostbox sync",
+    ] {
         assert!(
             md.contains(&format!("{name} did not run: {name} exited at start")),
             "{name} not reported as failed:\n{md}"

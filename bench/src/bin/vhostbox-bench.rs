@@ -117,6 +117,8 @@ struct Contender {
     /// No backend at all: the same libblkio client reads the image itself with its io_uring
     /// driver. The same kernel work without vhost-user or a second process: the limit.
     direct: bool,
+    /// vhostbox with `--metrics` on (its counters in the shared page, latency timed).
+    metrics: bool,
 }
 
 /// The direct contender's name in the reports.
@@ -132,21 +134,28 @@ fn contenders() -> Vec<Contender> {
         vhostbox: Some(exe.to_owned()),
         sync,
         direct: false,
+        metrics: false,
     };
     let mut v = vec![
         vb("vhostbox io-uring", &ours, false),
+        Contender {
+            metrics: true,
+            ..vb("vhostbox io-uring +metrics", &ours, false)
+        },
         vb("vhostbox sync", &ours, true),
         Contender {
             name: "qemu-storage-daemon".into(),
             vhostbox: None,
             sync: false,
             direct: false,
+            metrics: false,
         },
         Contender {
             name: LIMIT.into(),
             vhostbox: None,
             sync: false,
             direct: true,
+            metrics: false,
         },
     ];
     if let Ok(base) = std::env::var("VHOSTBOX_BENCH_BASELINE") {
@@ -186,6 +195,11 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
             .arg(sock)
             .args(["--num-queues", &q]);
         cmd.args(["--engine", if c.sync { "sync" } else { "io-uring" }]);
+        if c.metrics {
+            let m = sock.with_extension("metrics");
+            let _ = fs::remove_file(&m);
+            cmd.arg("--metrics").arg(format!("unix:{}", m.display()));
+        }
         match dev {
             Dev::Null => cmd.args(["--null", "1G"]),
             Dev::File => cmd.arg("--image").arg(img),
