@@ -30,6 +30,13 @@ pub struct CommonArgs {
     #[arg(long, value_name = "ADDR")]
     pub metrics: Option<crate::control::MetricsAddr>,
 
+    /// Hand the socket --socket-path binds to systemd's file descriptor store (FDSTORE=1,
+    /// with FileDescriptorStoreMax= in the unit), so a restarted service gets the same socket
+    /// back in LISTEN_FDS and the path is left in place at exit. Implied when systemd sets
+    /// $FDSTORE (systemd 254 and later).
+    #[arg(long)]
+    pub fd_store: bool,
+
     /// Serve the control socket (one JSON request per line; see vhostboxctl) at PATH. It gets
     /// the vhost-user socket's --socket-group and --socket-mode.
     #[arg(long, value_name = "PATH")]
@@ -77,6 +84,8 @@ pub struct CommonConfig {
     pub metrics: Option<crate::control::MetricsAddr>,
     /// `--control`: the control socket's path.
     pub control: Option<std::path::PathBuf>,
+    /// `--fd-store`, or `$FDSTORE` set by systemd: store the bound socket there.
+    pub fd_store: bool,
     /// Test builds: the escape the worker attempts after entering the jail.
     pub jail_probe: Option<String>,
     /// Test builds: jail layers left out.
@@ -102,6 +111,11 @@ impl TryFrom<CommonArgs> for CommonConfig {
             seccomp: a.sandbox.seccomp,
             metrics: a.metrics,
             control: a.control,
+            fd_store: a.fd_store
+                || std::env::var("FDSTORE")
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .is_some_and(|n| n > 0),
             jail_probe,
             #[cfg(feature = "jail-probe")]
             jail_probe_without: a.jail_probe_without,

@@ -184,10 +184,20 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     #[cfg(feature = "jail-probe")]
     crate::sandbox::probe::set_without(&common.jail_probe_without);
     // Everything privileged first, before anything a sandbox would forbid.
-    let listener = match VhostListener::open(&common.listen, common.socket_perms) {
+    let mut listener = match VhostListener::open(&common.listen, common.socket_perms) {
         Ok(l) => l,
         Err(e) => return usage(D::NAME, &e),
     };
+    if common.fd_store && matches!(common.listen, crate::listener::ListenOn::Path(_)) {
+        let stored = crate::service::Notifier::from_env()
+            .store_fd(listener.raw_fd(), crate::listener::ACTIVATED_NAME);
+        if stored {
+            info!("the socket is in the service manager's fd store: a restart keeps it");
+            listener.keep_path_at_exit();
+        } else {
+            warn!("--fd-store: no service manager (NOTIFY_SOCKET) took the socket");
+        }
+    }
     let opened = match dev.open() {
         Ok(o) => o,
         Err(e) => return usage(D::NAME, &e),

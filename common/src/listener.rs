@@ -193,6 +193,8 @@ pub struct VhostListener {
     listener: UnixListener,
     /// Set when this process bound the path and so must remove it on exit.
     owned_path: Option<PathBuf>,
+    /// The socket outlives this process (it is in systemd's fd store): keep the path.
+    keep_path: bool,
 }
 
 impl VhostListener {
@@ -241,6 +243,7 @@ impl VhostListener {
         Ok(Self {
             listener: l,
             owned_path: Some(path.to_owned()),
+            keep_path: false,
         })
     }
 
@@ -274,6 +277,7 @@ impl VhostListener {
         Ok(Self {
             listener: l,
             owned_path: None,
+            keep_path: false,
         })
     }
 
@@ -312,6 +316,9 @@ impl VhostListener {
     /// left behind is an error the caller must report: the next start would find a stale
     /// socket it may not be able to replace either.
     pub fn remove(mut self) -> Result<(), RemoveError> {
+        if self.keep_path {
+            return Ok(());
+        }
         match self.owned_path.take() {
             Some(p) => match fs::remove_file(&p) {
                 Ok(()) => Ok(()),
@@ -347,8 +354,19 @@ impl VhostListener {
     }
 }
 
+impl VhostListener {
+    /// The listening socket lives on after this process (systemd's fd store passes it to
+    /// the next one): leave the path for it at exit.
+    pub fn keep_path_at_exit(&mut self) {
+        self.keep_path = true;
+    }
+}
+
 impl Drop for VhostListener {
     fn drop(&mut self) {
+        if self.keep_path {
+            return;
+        }
         if let Some(p) = &self.owned_path {
             let _ = fs::remove_file(p);
         }

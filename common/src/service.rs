@@ -68,6 +68,23 @@ impl Notifier {
         self.send(&[NotifyState::Watchdog]);
     }
 
+    /// Hands `fd` to the service manager's file descriptor store under `name`
+    /// (`FDSTORE=1`): after a restart of the service it comes back in `LISTEN_FDS`.
+    pub fn store_fd(&self, fd: std::os::fd::RawFd, name: &str) -> bool {
+        if !self.enabled {
+            return false;
+        }
+        // SAFETY: `fd` is open for the duration of the call (the caller owns it).
+        let b = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        match sd_notify::notify_with_fds(&[NotifyState::FdStore, NotifyState::FdName(name)], &[b]) {
+            Ok(()) => true,
+            Err(e) => {
+                warn!("cannot hand the socket to the service manager's fd store: {e}");
+                false
+            }
+        }
+    }
+
     /// A stop has begun.
     pub fn stopping(&self) {
         self.send(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

@@ -314,3 +314,114 @@ fn notify_socket_gets_ready_status_watchdog_and_stopping() {
         "nothing but the end after STOPPING: {all:#?}"
     );
 }
+
+/// Receives datagrams on `sock` until one carries an fd; returns its text and the fd.
+fn recv_with_fd(sock: &std::os::unix::net::UnixDatagram) -> (String, std::os::fd::OwnedFd) {
+    use std::os::fd::{AsRawFd, FromRawFd};
+    sock.set_read_timeout(Some(std::time::Duration::from_secs(20)))
+        .unwrap();
+    loop {
+        let mut b = [0u8; 4096];
+        let mut iov = libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        };
+        let mut cbuf = [0u64; 8];
+        // SAFETY: msghdr is plain C data: all-zero is valid; the pointers set below are ours.
+        let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = cbuf.as_mut_ptr().cast();
+        msg.msg_controllen = std::mem::size_of_val(&cbuf);
+        // SAFETY: recvmsg into the buffers above.
+        let n = unsafe { libc::recvmsg(sock.as_raw_fd(), &mut msg, libc::MSG_CMSG_CLOEXEC) };
+        assert!(
+            n >= 0,
+            "no FDSTORE message: {}",
+            std::io::Error::last_os_error()
+        );
+        // SAFETY: walks the control messages recvmsg filled in.
+        let fd = unsafe {
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (!c.is_null() && (*c).cmsg_type == libc::SCM_RIGHTS)
+                .then(|| std::ptr::read_unaligned(libc::CMSG_DATA(c).cast::<i32>()))
+        };
+        if let Some(fd) = fd {
+            let text = String::from_utf8_lossy(&b[..n as usize]).into_owned();
+            // SAFETY: a fresh fd we received and own.
+            return (text, unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+        }
+    }
+}
+
+/// `--fd-store`: the bound socket goes to the service manager's fd store, named vhost-user;
+/// the path stays at exit; the next process, given the stored fd as systemd passes it after
+/// a restart (LISTEN_FDS), serves frontends on the same path.
+#[test]
+fn the_fd_store_keeps_the_socket_across_a_restart() {
+    use std::os::fd::AsRawFd;
+    use std::os::unix::process::CommandExt;
+    let d = open_dir();
+    let ns_path = d.path().join("notify.sock");
+    let ns = std::os::unix::net::UnixDatagram::bind(&ns_path).unwrap();
+    let sock = d.path().join("blk.sock");
+    let mut first = Backend::start_exe_env(
+        &vhostbox_tests::bin_path("vhostbox-blk"),
+        &sock,
+        &[
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--null",
+            "1M",
+            "--fd-store",
+        ],
+        &[("NOTIFY_SOCKET", ns_path.to_str().unwrap())],
+    );
+    let (text, fd) = recv_with_fd(&ns);
+    assert_eq!(text.trim(), "FDSTORE=1\nFDNAME=vhost-user", "{text:?}");
+    let listener = std::os::unix::net::UnixListener::from(fd);
+    first.wait_log("the socket is in the service manager's fd store");
+    assert_eq!(first.signal_and_wait(libc::SIGTERM).code(), Some(0));
+    assert!(sock.exists(), "the path stays for the stored socket");
+    // The stored fd is the socket at that path: a connection to the path comes out of it.
+    let probe = std::os::unix::net::UnixStream::connect(&sock).unwrap();
+    listener.set_nonblocking(true).unwrap();
+    let (accepted, _) = listener
+        .accept()
+        .expect("the stored fd listens on the path");
+    drop((probe, accepted));
+    listener.set_nonblocking(false).unwrap();
+
+    // The restart, as systemd does it: the stored fd as fd 3, named in LISTEN_FDNAMES.
+    let raw = listener.as_raw_fd();
+    let log_path = d.path().join("second.log");
+    let mut cmd = std::process::Command::new("sh");
+    cmd.args(["-c", "LISTEN_PID=$$ exec \"$0\" \"$@\""])
+        .arg(vhostbox_tests::bin_path("vhostbox-blk"))
+        .args(["--null", "1M"])
+        .env("LISTEN_FDS", "1")
+        .env("LISTEN_FDNAMES", "vhost-user")
+        .stderr(fs::File::create(&log_path).unwrap());
+    // SAFETY: dup2 and fcntl only, between fork and exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::dup2(raw, 3) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut second = cmd.spawn().unwrap();
+    let b = blkio_connect(&sock);
+    assert_eq!(b.get_u64("capacity").unwrap(), 1 << 20);
+    drop(b);
+    // SAFETY: kill() on our child.
+    unsafe { libc::kill(second.id() as i32, libc::SIGTERM) };
+    let st = second.wait().unwrap();
+    let log = fs::read_to_string(&log_path).unwrap();
+    assert_eq!(st.code(), Some(0), "{log}");
+    assert!(
+        log.contains("listening on the socket systemd passed: fd 3 ('vhost-user')"),
+        "{log}"
+    );
+}
