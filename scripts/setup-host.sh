@@ -72,4 +72,9 @@ if [ "${#pkgs[@]}" -gt 0 ]; then
     log "installing ${pkgs[*]}"
     apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/dev/null
 fi
+# cargo-deb: scripts/build-deb.sh packages the workspace with it (the package test unpacks it).
+if ! command -v cargo-deb >/dev/null; then
+    log "installing cargo-deb"
+    cargo install cargo-deb --locked --version 3.8.0 >/dev/null 2>&1
+fi
 qemu-system-x86_64 --version | head -1 >&2

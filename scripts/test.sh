@@ -28,6 +28,8 @@ cargo build --workspace --bins
 echo "== test-only jail-probe build (never shipped: target/jail-probe)"
 cargo build -p vhostbox-blk -p vhostbox-net --features vhostbox-blk/jail-probe,vhostbox-net/jail-probe \
     --target-dir target/jail-probe
+echo "== Debian package (scripts/build-deb.sh; tests/tests/deb.rs unpacks it)"
+scripts/build-deb.sh
 if [ "${VHOSTBOX_SKIP_VM:-0}" != 1 ]; then
     echo "== guest image"
     scripts/build-guest.sh build/guest
