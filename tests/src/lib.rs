@@ -7,6 +7,7 @@ pub mod frontend;
 pub mod hostile;
 pub mod net_frontend;
 pub mod netns;
+pub mod openmetrics;
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};

@@ -13,6 +13,7 @@ use vhostbox_tests::frontend::{
 };
 use vhostbox_tests::net_frontend::*;
 use vhostbox_tests::netns::*;
+use vhostbox_tests::openmetrics::{scrape, value};
 use vhostbox_tests::{assert_jailed, run_to_exit, Backend};
 
 const NET: &str = "vhostbox-net";
@@ -517,7 +518,10 @@ fn reconnect_keeps_the_tap_and_serves_the_next_frontend() {
 
 #[test]
 fn malformed_tx_chains_are_dropped_and_the_backend_keeps_serving() {
-    let r = rig(1, &[]);
+    let mdir = tempfile::tempdir().unwrap();
+    let msock = mdir.path().join("metrics.sock");
+    let m = format!("unix:{}", msock.display());
+    let r = rig(1, &["--metrics", &m]);
     let mut fe = r.connect(1, BASE | VIRTIO_NET_F_MRG_RXBUF);
     let host = r.host(false);
     let mem = fe.device().mem().clone();
@@ -571,6 +575,34 @@ fn malformed_tx_chains_are_dropped_and_the_backend_keeps_serving() {
     let s = r.summary_after_disconnect(1);
     assert!(s.contains("tx 1 frames"), "{s}");
     assert!(s.contains("4 malformed, 1 oversize"), "{s}");
+    // The same figures on --metrics, parsed by an OpenMetrics parser.
+    let samples = scrape(&msock);
+    let drops = |reason: &str| {
+        value(
+            &samples,
+            "vhostbox_net_dropped_frames_total",
+            &[("queue", "0"), ("direction", "tx"), ("reason", reason)],
+        )
+    };
+    assert_eq!(drops("malformed"), 4.0);
+    assert_eq!(drops("oversize"), 1.0);
+    assert_eq!(drops("bad_header"), 0.0);
+    let frames = |d: &str| {
+        value(
+            &samples,
+            "vhostbox_net_frames_total",
+            &[("queue", "0"), ("direction", d)],
+        )
+    };
+    assert_eq!(frames("tx"), 1.0);
+    assert_eq!(
+        value(
+            &samples,
+            "vhostbox_net_bytes_total",
+            &[("queue", "0"), ("direction", "tx")]
+        ),
+        f.len() as f64
+    );
     r.assert_worker_never_killed();
 }
 
