@@ -139,12 +139,6 @@ impl Stream {
             Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Write),
         };
     }
-    fn set_nonblocking(&self) -> io::Result<()> {
-        match self {
-            Stream::Unix(s) => s.set_nonblocking(true),
-            Stream::Tcp(s) => s.set_nonblocking(true),
-        }
-    }
     fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
         match self {
             Stream::Unix(s) => s.read(b),
@@ -298,9 +292,7 @@ impl Server {
                             debug!("control: {MAX_CLIENTS} clients; closing the idlest");
                             self.clients.swap_remove(oldest);
                         }
-                        if s.set_nonblocking().is_err() {
-                            continue;
-                        }
+                        set_nonblocking(s.fd());
                         supervisor::keep_from_workers(s.fd());
                         self.clients.push(Client {
                             stream: s,

@@ -254,10 +254,16 @@ impl<const N: usize> Histogram<N> {
     /// Records one observation; `bounds_ns` are the upper bounds of the first N-1 buckets.
     #[inline]
     pub fn observe(&self, ns: u64, bounds_ns: &[u64]) {
+        self.observe_n(ns, 1, bounds_ns);
+    }
+
+    /// Records `n` observations of the same value.
+    #[inline]
+    pub fn observe_n(&self, ns: u64, n: u64, bounds_ns: &[u64]) {
         let i = bounds_ns.partition_point(|&b| b < ns).min(N - 1);
-        inc(&self.buckets[i]);
-        add(&self.sum_ns, ns);
-        inc(&self.count);
+        add(&self.buckets[i], n);
+        add(&self.sum_ns, ns.saturating_mul(n));
+        add(&self.count, n);
     }
 }
 
