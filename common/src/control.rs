@@ -218,6 +218,11 @@ impl Server {
         }))
     }
 
+    /// The listening fds.
+    pub fn fds(&self) -> Vec<RawFd> {
+        self.listeners.iter().map(|(l, _)| l.fd()).collect()
+    }
+
     /// Where the metrics endpoint listens (a TCP port 0 becomes the real one).
     pub fn metrics_addr(&self) -> Option<String> {
         self.listeners.iter().find_map(|(l, ep)| match (l, ep) {

@@ -183,7 +183,12 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     connection::block_shutdown_signals();
     #[cfg(feature = "jail-probe")]
     crate::sandbox::probe::set_without(&common.jail_probe_without);
-    // Everything privileged first, before anything a sandbox would forbid.
+    // Everything privileged first, before anything a sandbox would forbid. The endpoints
+    // before the vhost-user socket: once that exists, so do they.
+    let server = match service_endpoints(common, dev.metric_queues()) {
+        Ok(s) => s,
+        Err(e) => return usage(D::NAME, &e),
+    };
     let mut listener = match VhostListener::open(&common.listen, common.socket_perms) {
         Ok(l) => l,
         Err(e) => return usage(D::NAME, &e),
@@ -200,10 +205,6 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     }
     let opened = match dev.open() {
         Ok(o) => o,
-        Err(e) => return usage(D::NAME, &e),
-    };
-    let server = match service_endpoints(common, dev.metric_queues()) {
-        Ok(s) => s,
         Err(e) => return usage(D::NAME, &e),
     };
     if let Some(a) = server.as_ref().and_then(|s| s.metrics_addr()) {

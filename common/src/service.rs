@@ -102,6 +102,9 @@ pub struct WorkerReport {
     pub uptime: Duration,
 }
 
+/// What the service process sends the supervisor to get a [`Report`].
+pub const REPORT_REQUEST: &[u8] = b"REPORT\n";
+
 /// What the supervisor knows, for `--metrics` and `--control`.
 #[derive(Debug, Clone)]
 pub struct Report {
@@ -111,7 +114,7 @@ pub struct Report {
     pub connections: u64,
     pub restarts: u64,
     pub seccomp_kills: std::collections::BTreeMap<String, u64>,
-    pub exits: std::collections::BTreeMap<&'static str, u64>,
+    pub exits: std::collections::BTreeMap<String, u64>,
     pub cpu_supervisor: f64,
     pub cpu_workers: f64,
     pub stopping: bool,
@@ -270,5 +273,192 @@ pub fn command(
         )),
         "help" => Ok(serde_json::json!({ "commands": COMMANDS })),
         other => Err(format!("unknown command '{other}' (commands: {COMMANDS})")),
+    }
+}
+
+impl Report {
+    /// As sent from the supervisor to the service process.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::json!({
+            "uptime": self.uptime.as_secs_f64(),
+            "worker": self.worker.as_ref().map(|w| serde_json::json!({
+                "pid": w.pid,
+                "generation": w.generation,
+                "serving": w.serving,
+                "uptime": w.uptime.as_secs_f64(),
+            })),
+            "connections": self.connections,
+            "restarts": self.restarts,
+            "seccomp_kills": self.seccomp_kills,
+            "exits": self.exits,
+            "cpu_supervisor": self.cpu_supervisor,
+            "cpu_workers": self.cpu_workers,
+            "stopping": self.stopping,
+            "queues": self.queues,
+        })
+    }
+
+    /// What [`Report::to_json`] made; `None` if it is not that.
+    pub fn from_json(name: &'static str, v: &serde_json::Value) -> Option<Report> {
+        let secs = |v: &serde_json::Value| {
+            v.as_f64()
+                .filter(|s| s.is_finite() && *s >= 0.0)
+                .map(Duration::from_secs_f64)
+        };
+        let counts = |v: &serde_json::Value| -> Option<std::collections::BTreeMap<String, u64>> {
+            v.as_object()?
+                .iter()
+                .map(|(k, v)| Some((k.clone(), v.as_u64()?)))
+                .collect()
+        };
+        let worker = match &v["worker"] {
+            serde_json::Value::Null => None,
+            w => Some(WorkerReport {
+                pid: i32::try_from(w["pid"].as_i64()?).ok()?,
+                generation: w["generation"].as_u64()?,
+                serving: w["serving"].as_bool()?,
+                uptime: secs(&w["uptime"])?,
+            }),
+        };
+        Some(Report {
+            name,
+            uptime: secs(&v["uptime"])?,
+            worker,
+            connections: v["connections"].as_u64()?,
+            restarts: v["restarts"].as_u64()?,
+            seccomp_kills: counts(&v["seccomp_kills"])?,
+            exits: counts(&v["exits"])?,
+            cpu_supervisor: v["cpu_supervisor"].as_f64()?,
+            cpu_workers: v["cpu_workers"].as_f64()?,
+            stopping: v["stopping"].as_bool()?,
+            queues: usize::try_from(v["queues"].as_u64()?).ok()?,
+        })
+    }
+}
+
+/// The service process's side: what it answers clients with, from the supervisor's
+/// [`Report`] and the shared metrics page.
+struct Remote {
+    /// The socket to the supervisor.
+    chan: std::os::fd::RawFd,
+    name: &'static str,
+    defs: &'static [metrics::Def],
+}
+
+impl Remote {
+    /// Asks the supervisor (5 s at most).
+    fn report(&self) -> Result<Report, String> {
+        // SAFETY: sends a static buffer on our socket.
+        let n = unsafe {
+            libc::send(
+                self.chan,
+                REPORT_REQUEST.as_ptr().cast(),
+                REPORT_REQUEST.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err("the supervisor is gone".into());
+        }
+        let mut p = libc::pollfd {
+            fd: self.chan,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        if unsafe { libc::poll(&mut p, 1, 5000) } != 1 {
+            return Err("the supervisor did not answer".into());
+        }
+        let mut buf = vec![0u8; 64 << 10];
+        // SAFETY: recv into our buffer of that size.
+        let n = unsafe { libc::recv(self.chan, buf.as_mut_ptr().cast(), buf.len(), 0) };
+        if n <= 0 {
+            return Err("the supervisor is gone".into());
+        }
+        let v: serde_json::Value = serde_json::from_slice(&buf[..n as usize])
+            .map_err(|e| format!("the supervisor's report: {e}"))?;
+        Report::from_json(self.name, &v)
+            .ok_or_else(|| "the supervisor's report is incomplete".into())
+    }
+}
+
+impl crate::control::Handler for Remote {
+    fn metrics(&mut self) -> String {
+        match self.report() {
+            Ok(r) => snapshot(&r, self.defs).openmetrics(),
+            Err(e) => {
+                warn!("metrics: {e}");
+                String::new()
+            }
+        }
+    }
+
+    fn command(
+        &mut self,
+        command: &str,
+        args: &serde_json::Map<String, serde_json::Value>,
+    ) -> Result<serde_json::Value, String> {
+        let r = self.report()?;
+        self::command(&r, self.defs, command, args)
+    }
+}
+
+/// The service process (forked and jailed like a worker, with its own allow-list): serves
+/// `--metrics` and `--control` until the supervisor goes away. Returns its exit status.
+pub fn serve_endpoints(
+    srv: &mut crate::control::Server,
+    name: &'static str,
+    defs: &'static [metrics::Def],
+    jail: &crate::sandbox::JailConfig,
+    ctx: crate::sandbox::supervisor::WorkerCtx,
+) -> i32 {
+    use crate::sandbox::{self, seccomp, SeccompMode};
+    // SAFETY: prctl with a static name.
+    unsafe { libc::prctl(libc::PR_SET_NAME, c"vbx-service".as_ptr(), 0, 0, 0) };
+    let chan = ctx.report_fd;
+    let mut keep = srv.fds();
+    keep.push(chan);
+    // Trap rather than notify in kill mode: its report handler writes the syscall on `chan`,
+    // and the process dies all the same.
+    let mut cfg = jail.clone();
+    if cfg.seccomp == SeccompMode::Kill {
+        cfg.seccomp = SeccompMode::Trap;
+    }
+    seccomp::set_report_fd(chan);
+    // SAFETY: getpid has no arguments.
+    let pid = unsafe { libc::getpid() } as u32;
+    if let Err(e) = sandbox::enter(&cfg, &keep, seccomp::service_rules(pid)) {
+        log::error!(
+            "service process: cannot enter the sandbox: {}",
+            crate::error_chain(&e)
+        );
+        return crate::sandbox::supervisor::EXIT_JAIL_FAILED;
+    }
+    let mut remote = Remote { chan, name, defs };
+    loop {
+        let mut fds = vec![libc::pollfd {
+            fd: chan,
+            events: libc::POLLIN,
+            revents: 0,
+        }];
+        srv.pollfds(&mut fds);
+        let timeout = srv.timeout().map_or(-1, |d| {
+            i32::try_from(d.as_micros().div_ceil(1000)).unwrap_or(i32::MAX)
+        });
+        // SAFETY: fds is a valid array of pollfds of that length.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        if r < 0 && std::io::Error::last_os_error().kind() != std::io::ErrorKind::Interrupted {
+            return 1;
+        }
+        if fds[0].revents & (libc::POLLHUP | libc::POLLERR) != 0 {
+            return 0;
+        }
+        if fds[0].revents & libc::POLLIN != 0 {
+            // Nothing is sent unasked: a stale reply (one that came after its timeout).
+            let mut b = [0u8; 64];
+            // SAFETY: recv into a local buffer.
+            unsafe { libc::recv(chan, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
+        }
+        srv.handle(&fds[1..], &mut remote);
     }
 }

@@ -208,6 +208,30 @@ impl Backend {
         self.child.id() as i32
     }
 
+    /// The pid of the supervisor's service process (`--metrics`, `--control`), waiting up to
+    /// 10 s for it.
+    pub fn service_pid(&self) -> i32 {
+        let pid = self.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+                .unwrap_or_default();
+            let svc = kids.split_whitespace().find(|k| {
+                std::fs::read_to_string(format!("/proc/{k}/comm"))
+                    .is_ok_and(|c| c.trim() == "vbx-service")
+            });
+            if let Some(k) = svc {
+                return k.parse().unwrap();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "no service process: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     /// The pid of the supervisor's current worker, waiting up to 10 s for one to exist.
     pub fn worker_pid(&self) -> i32 {
         let pid = self.pid();
@@ -215,7 +239,12 @@ impl Backend {
         loop {
             let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
                 .unwrap_or_default();
-            if let Some(k) = kids.split_whitespace().next() {
+            // Not the service process (--metrics, --control), which names itself.
+            let worker = kids.split_whitespace().find(|k| {
+                std::fs::read_to_string(format!("/proc/{k}/comm"))
+                    .is_ok_and(|c| c.trim() != "vbx-service")
+            });
+            if let Some(k) = worker {
                 return k.parse().unwrap();
             }
             assert!(Instant::now() < deadline, "no worker: {}", self.log());

@@ -414,3 +414,56 @@ fn bad_service_flags_are_usage_errors() {
         assert!(!sock.exists(), "{flag} {val} left the socket behind");
     }
 }
+
+/// The endpoints are served by a process of their own, jailed like a worker, holding only the
+/// two listeners and its socket to the supervisor; killed, it is replaced and serves again.
+/// So what a client sends is parsed where a bug reaches nothing.
+#[test]
+fn a_jailed_service_process_serves_the_endpoints() {
+    let dir = tempfile::tempdir().unwrap();
+    let msock = dir.path().join("metrics.sock");
+    let m = format!("unix:{}", msock.display());
+    let be = start_null(dir.path(), &["--metrics", &m]);
+    let csock = dir.path().join("control.sock");
+    let svc = be.service_pid();
+    vhostbox_tests::assert_jailed(svc);
+    let fds: Vec<String> = std::fs::read_dir(format!("/proc/{svc}/fd"))
+        .unwrap()
+        .map(|e| {
+            let p = e.unwrap().path();
+            std::fs::read_link(&p)
+                .unwrap()
+                .to_string_lossy()
+                .into_owned()
+        })
+        .collect();
+    let sockets = fds.iter().filter(|f| f.starts_with("socket:")).count();
+    assert_eq!(
+        sockets, 3,
+        "two listeners and the supervisor's socket: {fds:?}"
+    );
+    assert_eq!(fds.len(), 6, "and stdin, stdout, stderr only: {fds:?}");
+    // The worker holds none of them.
+    let worker = be.worker_pid();
+    assert_ne!(worker, svc);
+    let (code, st, err) = ctl(&csock, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(st["worker"]["pid"], worker);
+
+    // SAFETY: kill() on the backend's service process, started (indirectly) by this test.
+    unsafe { libc::kill(svc, libc::SIGKILL) };
+    be.wait_log(&format!("service process {svc} ended"));
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while be.service_pid() == svc {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no new service process"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (code, st, err) = ctl(&csock, &["status"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(st["state"], "waiting");
+    let s = scrape(&msock);
+    assert_eq!(value(&s, "vhostbox_worker_restarts_total", &[]), 0.0);
+}

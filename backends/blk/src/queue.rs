@@ -721,7 +721,9 @@ impl BlkQueue {
         if let (Some(t0), Some(clock)) = (t0, self.clock) {
             if t0 < clock {
                 // Reaped in a batch of completions: the batch's time.
-                self.stats.latency.observe(nanos(clock - t0), &LATENCY_BOUNDS_NS);
+                self.stats
+                    .latency
+                    .observe(nanos(clock - t0), &LATENCY_BOUNDS_NS);
             } else {
                 // Taken and finished in this pass: timed at the pass's end, all together.
                 self.finished_in_pass += 1;

@@ -227,22 +227,46 @@ pub fn service_rules(own_pid: u32) -> Rules {
     use libc::*;
     let mut r = thread_common(own_pid);
     r.extend([
-        allow(SYS_poll, "poll", "waiting for clients, their requests, the supervisor"),
+        allow(
+            SYS_poll,
+            "poll",
+            "waiting for clients, their requests, the supervisor",
+        ),
         allow(SYS_ppoll, "ppoll", "the same, on libcs that use ppoll"),
-        allow(SYS_accept4, "accept4", "clients, on the inherited listeners"),
+        allow(
+            SYS_accept4,
+            "accept4",
+            "clients, on the inherited listeners",
+        ),
         allow(SYS_accept, "accept", "the same, on libcs that use accept"),
         allow(SYS_read, "read", "requests"),
-        allow(SYS_recvfrom, "recvfrom", "requests (std's socket read); the supervisor's figures"),
-        allow(SYS_sendto, "sendto", "asking the supervisor; replies (std's socket write)"),
+        allow(
+            SYS_recvfrom,
+            "recvfrom",
+            "requests (std's socket read); the supervisor's figures",
+        ),
+        allow(
+            SYS_sendto,
+            "sendto",
+            "asking the supervisor; replies (std's socket write)",
+        ),
         allow(SYS_close, "close", "clients that are done"),
         allow(SYS_shutdown, "shutdown", "ending a reply"),
-        allow_if(SYS_fcntl, "fcntl", "making accepted clients non-blocking", vec![
-            vec![Arg::Eq(1, F_GETFL as u64)],
-            vec![Arg::Eq(1, F_SETFL as u64)],
-        ]),
-        allow_if(SYS_ioctl, "ioctl", "FIONBIO only (std's set_nonblocking)", vec![
-            vec![Arg::Eq(1, FIONBIO)],
-        ]),
+        allow_if(
+            SYS_fcntl,
+            "fcntl",
+            "making accepted clients non-blocking",
+            vec![
+                vec![Arg::Eq(1, F_GETFL as u64)],
+                vec![Arg::Eq(1, F_SETFL as u64)],
+            ],
+        ),
+        allow_if(
+            SYS_ioctl,
+            "ioctl",
+            "FIONBIO only (std's set_nonblocking)",
+            vec![vec![Arg::Eq(1, FIONBIO)]],
+        ),
         allow(SYS_getrandom, "getrandom", "hash map seeds"),
     ]);
     r

@@ -313,6 +313,7 @@ pub fn supervise(
     let mut server = None;
     let code = match Supervisor::new(jail, rules, service).and_then(|mut s| {
         let r = s.run(&mut worker);
+        s.stop_service();
         server = s.service.server.take();
         r
     }) {
@@ -369,6 +370,12 @@ struct Supervisor<'a> {
     facts: Facts,
     /// When the next worker may start (after a worker that died on its way up).
     spawn_at: Option<Instant>,
+    /// The jailed process serving `--metrics` and `--control`, and the supervisor's end of
+    /// the socket it asks for figures on.
+    svc: Option<(i32, OwnedFd)>,
+    /// When the service process may be started (again).
+    svc_at: Option<Instant>,
+    svc_backoff: Duration,
 }
 
 /// The supervisor's own counters, for metrics and `status`.
@@ -452,6 +459,9 @@ impl<'a> Supervisor<'a> {
                 ..Default::default()
             },
             spawn_at: None,
+            svc: None,
+            svc_at: Some(Instant::now()),
+            svc_backoff: FIRST_BACKOFF,
         })
     }
 
@@ -473,7 +483,7 @@ impl<'a> Supervisor<'a> {
                     report_fd: self.report_w.as_raw_fd(),
                     generation: self.generation,
                 };
-                let c = spawn(self.jail, ctx, worker)?;
+                let c = spawn(self.jail, ctx, worker, &[], false)?;
                 info!("worker started, pid {}", c.pid);
                 self.child = Some(c);
             }
@@ -512,9 +522,11 @@ impl<'a> Supervisor<'a> {
             revents: 0,
         })
         .to_vec();
-        if let Some(s) = &self.service.server {
-            s.pollfds(&mut fds);
-        }
+        fds.push(libc::pollfd {
+            fd: self.svc.as_ref().map_or(-1, |(_, c)| c.as_raw_fd()),
+            events: libc::POLLIN,
+            revents: 0,
+        });
         let now = Instant::now();
         let mut waits: Vec<Duration> = Vec::new();
         if self.stopping {
@@ -526,8 +538,8 @@ impl<'a> Supervisor<'a> {
         if let Some(at) = self.spawn_at {
             waits.push(at.saturating_duration_since(now));
         }
-        if let Some(t) = self.service.server.as_ref().and_then(|s| s.timeout()) {
-            waits.push(t);
+        if let Some(at) = self.svc_at.filter(|_| self.service.server.is_some()) {
+            waits.push(at.saturating_duration_since(now));
         }
         let timeout = waits.into_iter().min().map_or(-1, |d| {
             // Round up: a deadline 0.4 ms away must not spin with timeout 0.
@@ -550,10 +562,10 @@ impl<'a> Supervisor<'a> {
             self.notif = None;
         }
         self.take_signals();
-        if let Some(mut srv) = self.service.server.take() {
-            srv.handle(&fds[3..], self);
-            self.service.server = Some(srv);
+        if fds[3].revents & libc::POLLIN != 0 {
+            self.answer_service();
         }
+        self.tend_service();
         self.watchdog_tick();
         if let (Some(c), Some(d)) = (&self.child, self.stop_deadline) {
             if Instant::now() > d {
@@ -797,17 +809,22 @@ impl<'a> Supervisor<'a> {
     }
 }
 
+/// Forks a jailed child (a worker, or with `service` the service process, which keeps the
+/// endpoints' fds `keep` and gets no cgroup of its own).
 fn spawn(
     jail: &JailConfig,
     ctx: WorkerCtx,
     worker: &mut dyn FnMut(WorkerCtx) -> i32,
+    keep: &[RawFd],
+    service: bool,
 ) -> Result<Child, SupervisorError> {
     let (sync_r, sync_w) = pipe()?;
     // Copied before the clone: the child must not take a lock.
-    let supervisor_only = SUPERVISOR_ONLY
+    let mut supervisor_only = SUPERVISOR_ONLY
         .lock()
         .unwrap_or_else(|e| e.into_inner())
         .clone();
+    supervisor_only.retain(|fd| !keep.contains(fd));
     let mut flags = libc::SIGCHLD as libc::c_long;
     if jail.mode == SandboxMode::Namespace {
         flags |= (libc::CLONE_NEWUSER
@@ -876,6 +893,7 @@ fn spawn(
     let cgroup = match jail
         .cgroups
         .as_ref()
+        .filter(|_| !service)
         .map(|c| c.add_worker(pid, ctx.generation))
     {
         Some(Err(e)) => {
@@ -973,7 +991,12 @@ impl Supervisor<'_> {
             connections: self.facts.connections,
             restarts: self.restarts,
             seccomp_kills: self.facts.seccomp_kills.clone(),
-            exits: self.facts.exits.clone(),
+            exits: self
+                .facts
+                .exits
+                .iter()
+                .map(|(k, v)| (k.to_string(), *v))
+                .collect(),
             cpu_supervisor: rusage_seconds(libc::RUSAGE_SELF),
             cpu_workers: rusage_seconds(libc::RUSAGE_CHILDREN)
                 + self.child.as_ref().map_or(0.0, |c| proc_cpu_seconds(c.pid)),
@@ -983,16 +1006,122 @@ impl Supervisor<'_> {
     }
 }
 
-impl crate::control::Handler for Supervisor<'_> {
-    fn metrics(&mut self) -> String {
-        crate::service::snapshot(&self.report(), self.service.defs).openmetrics()
+impl Supervisor<'_> {
+    /// Starts the service process when it is due, and reaps it when it has ended.
+    fn tend_service(&mut self) {
+        if let Some((pid, _)) = &self.svc {
+            let mut status = 0;
+            // SAFETY: waitpid on our own child with a valid status pointer.
+            if unsafe { libc::waitpid(*pid, &mut status, libc::WNOHANG) } != *pid {
+                return;
+            }
+            let pid = *pid;
+            if let Some((_, chan)) = self.svc.take() {
+                let_workers_forget(chan.as_raw_fd());
+            }
+            if libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == EXIT_JAIL_FAILED {
+                error!(
+                    "service process {pid} could not enter its sandbox: no --metrics or --control"
+                );
+                return;
+            }
+            if !self.stopping {
+                warn!("service process {pid} ended (wait status {status:#x}); starting a new one");
+                self.svc_at = Some(Instant::now() + self.svc_backoff);
+                self.svc_backoff = (self.svc_backoff * 2).min(Duration::from_secs(5));
+            }
+            return;
+        }
+        if self.stopping || self.service.server.is_none() {
+            return;
+        }
+        match self.svc_at {
+            Some(at) if Instant::now() >= at => {}
+            _ => return,
+        }
+        self.svc_at = None;
+        if let Err(e) = self.start_service() {
+            error!(
+                "cannot start the service process: {}",
+                crate::error_chain(&e)
+            );
+            self.svc_at = Some(Instant::now() + Duration::from_secs(5));
+        }
     }
 
-    fn command(
-        &mut self,
-        command: &str,
-        args: &serde_json::Map<String, serde_json::Value>,
-    ) -> Result<serde_json::Value, String> {
-        crate::service::command(&self.report(), self.service.defs, command, args)
+    /// Forks the jailed process that serves the endpoints: it, not the supervisor, parses
+    /// what clients send. It asks the supervisor for its figures over a socket pair.
+    fn start_service(&mut self) -> Result<(), SupervisorError> {
+        let jail = self.jail;
+        let defs = self.service.defs;
+        let name = self.service.name;
+        let Some(srv) = self.service.server.as_mut() else {
+            return Ok(());
+        };
+        let (ours, theirs) = seqpacket_pair()?;
+        // SAFETY: fcntl on our fd.
+        unsafe { libc::fcntl(ours.as_raw_fd(), libc::F_SETFL, libc::O_NONBLOCK) };
+        keep_from_workers(ours.as_raw_fd());
+        let keep = srv.fds();
+        let ctx = WorkerCtx {
+            report_fd: theirs.as_raw_fd(),
+            generation: 0,
+        };
+        let mut main = |ctx: WorkerCtx| crate::service::serve_endpoints(srv, name, defs, jail, ctx);
+        let c = match spawn(jail, ctx, &mut main, &keep, true) {
+            Ok(c) => c,
+            Err(e) => {
+                let_workers_forget(ours.as_raw_fd());
+                return Err(e);
+            }
+        };
+        drop(theirs);
+        info!(
+            "service process started, pid {} (--metrics, --control)",
+            c.pid
+        );
+        self.svc = Some((c.pid, ours));
+        Ok(())
+    }
+
+    /// The service process asked for the figures (or reported the syscall that killed it).
+    fn answer_service(&mut self) {
+        let Some((pid, chan)) = &self.svc else { return };
+        let (pid, fd) = (*pid, chan.as_raw_fd());
+        loop {
+            let mut b = [0u8; 64];
+            // SAFETY: recv into a local buffer of the size given.
+            let n = unsafe { libc::recv(fd, b.as_mut_ptr().cast(), b.len(), libc::MSG_DONTWAIT) };
+            if n <= 0 {
+                return;
+            }
+            let msg = &b[..n as usize];
+            if msg == crate::service::REPORT_REQUEST {
+                let reply = self.report().to_json().to_string();
+                // SAFETY: sends our buffer on our socket (one datagram; non-blocking).
+                unsafe { libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_DONTWAIT) };
+            } else if let Some(nr) = std::str::from_utf8(msg)
+                .ok()
+                .and_then(|m| m.trim().strip_prefix("SECCOMP "))
+                .and_then(|v| v.parse::<i64>().ok())
+            {
+                let rules = seccomp::service_rules(1);
+                error!(
+                    "service process {pid} killed by seccomp: syscall {nr} ({}) is not allowed",
+                    seccomp::syscall_name(nr, &rules)
+                );
+            }
+        }
+    }
+
+    /// Ends the service process (at the supervisor's exit).
+    fn stop_service(&mut self) {
+        if let Some((pid, _)) = self.svc.take() {
+            // SAFETY: kill/waitpid on our own child.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+                libc::waitpid(pid, std::ptr::null_mut(), 0);
+            }
+        }
     }
 }
