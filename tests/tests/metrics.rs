@@ -16,6 +16,16 @@ use vhostbox_tests::blkio_client::Client;
 use vhostbox_tests::openmetrics::{http, scrape, value};
 use vhostbox_tests::{bin_path, pattern, probe_bin, sparse_image, Backend};
 
+/// The service process served every request without dying (a seccomp kill would be replaced
+/// silently as far as the clients can tell).
+fn assert_service_never_died(be: &Backend) {
+    let log = be.log();
+    assert!(
+        !log.contains("service process") || !(log.contains("killed") || log.contains("ended")),
+        "the service process died:\n{log}"
+    );
+}
+
 fn ctl(sock: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
     let o = Command::new(bin_path("vhostboxctl"))
         .arg("--control")
@@ -206,6 +216,7 @@ fn metrics_count_verified_io_on_its_queue_only() {
     // worker's /proc figure counts in 10 ms ticks).
     assert!(value(&s, "vhostbox_cpu_seconds_total", &[("process", "workers")]) > 0.0);
     drop(c);
+    assert_service_never_died(&be);
 }
 
 /// A worker killed by its seccomp filter shows up in the counters with the syscall.
@@ -362,6 +373,7 @@ fn hostile_control_clients_get_errors_and_change_nothing() {
     assert_eq!(client.read(0, 0, 0, 4096), 0);
     drop(client);
 
+    assert_service_never_died(&be);
     // SIGTERM with all of them still connected: a clean stop, the socket files gone.
     let st = be.signal_and_wait(libc::SIGTERM);
     assert_eq!(st.code(), Some(0), "{}", be.log());
@@ -376,7 +388,7 @@ fn the_metrics_endpoint_answers_only_scrapes() {
     let dir = tempfile::tempdir().unwrap();
     let msock = dir.path().join("metrics.sock");
     let m = format!("unix:{}", msock.display());
-    let _be = start_null(dir.path(), &["--metrics", &m]);
+    let be = start_null(dir.path(), &["--metrics", &m]);
     assert_eq!(http(&msock, "GET /nope HTTP/1.1\r\n\r\n").0, 404);
     assert_eq!(http(&msock, "POST /metrics HTTP/1.1\r\n\r\n").0, 405);
     let huge = format!("GET /metrics HTTP/1.1\r\nX: {}\r\n\r\n", "y".repeat(20000));
@@ -384,6 +396,7 @@ fn the_metrics_endpoint_answers_only_scrapes() {
     let (code, body) = http(&msock, "GET /metrics HTTP/1.0\r\n\r\n");
     assert_eq!(code, 200);
     assert!(body.ends_with("# EOF\n"));
+    assert_service_never_died(&be);
 }
 
 /// Flags: a bad --metrics address and a --control path in a missing directory are usage

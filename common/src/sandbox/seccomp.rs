@@ -255,10 +255,11 @@ pub fn service_rules(own_pid: u32) -> Rules {
         allow_if(
             SYS_fcntl,
             "fcntl",
-            "making accepted clients non-blocking",
+            "making accepted clients non-blocking; F_GETFD: std checks that an fd it closes was open (debug builds)",
             vec![
                 vec![Arg::Eq(1, F_GETFL as u64)],
                 vec![Arg::Eq(1, F_SETFL as u64)],
+                vec![Arg::Eq(1, F_GETFD as u64)],
             ],
         ),
         allow_if(
