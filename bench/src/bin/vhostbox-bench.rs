@@ -425,10 +425,19 @@ fn measure(
     result
 }
 
+/// `--only` and `--contender`: a substring, or with a trailing `$` the whole name.
+fn matches(name: &str, pat: &str) -> bool {
+    match pat.strip_suffix('$') {
+        Some(exact) => name == exact,
+        None => name.contains(pat),
+    }
+}
+
 fn main() {
     let mut rounds = 3;
     let mut secs = 3.0;
     let mut only = String::new();
+    let mut who = String::new();
     let mut out = PathBuf::from("build/bench");
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
@@ -437,10 +446,11 @@ fn main() {
             "--rounds" => rounds = val().parse().expect("--rounds N"),
             "--secs" => secs = val().parse().expect("--secs S"),
             "--only" => only = val(),
+            "--contender" => who = val(),
             "--out" => out = val().into(),
             _ => {
                 eprintln!(
-                    "usage: vhostbox-bench [--rounds N] [--secs S] [--only SUBSTR] [--out DIR]"
+                    "usage: vhostbox-bench [--rounds N] [--secs S] [--only SUBSTR[$]] [--contender SUBSTR[$]] [--out DIR]"
                 );
                 std::process::exit(2);
             }
@@ -467,10 +477,14 @@ fn main() {
         for (di, (dev, dname)) in devs.iter().enumerate() {
             for (wi, w) in WORKLOADS.iter().enumerate() {
                 let label = format!("{dname} {}", w.name);
-                if !label.contains(&only) {
+                if !matches(&label, &only) {
                     continue;
                 }
                 for (ci, c) in contenders.iter().enumerate() {
+                    // --contender: only those (for profiling one; ratios need the peer).
+                    if !matches(&c.name, &who) {
+                        continue;
+                    }
                     if failed.contains_key(&ci) {
                         continue;
                     }
