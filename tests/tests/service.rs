@@ -291,9 +291,25 @@ fn notify_socket_gets_ready_status_watchdog_and_stopping() {
     unsafe { libc::kill(worker, libc::SIGCONT) };
     ns.wait_for("WATCHDOG=1", before + 2);
 
-    // A worker that dies is replaced, and the status says so.
+    // A worker that dies is replaced, and the status says so. First the clean end of the
+    // connection: that worker exits by itself, and a kill racing with that exit would be a
+    // clean end, not a death; so the next worker is waited for, and it is the one killed.
     drop(client);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let next_worker = loop {
+        let w = b.worker_pid();
+        if w != worker
+            && ns.count(&format!(
+                "STATUS=waiting for a frontend (worker {w}; restarted 0 times)"
+            )) == 1
+        {
+            break w;
+        }
+        assert!(std::time::Instant::now() < deadline, "{:#?}", ns.messages());
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    };
     let killed = b.kill_worker();
+    assert_eq!(killed, next_worker);
     ns.wait_for(
         &format!("STATUS=worker {killed} died; starting a new one (restarted once)"),
         1,
