@@ -111,6 +111,9 @@ pub fn blk_args<'a>(socket: &'a Path, image: &'a Path, extra: &[&'a str]) -> Vec
     v
 }
 
+/// The command name the service process (`--metrics`, `--control`) gives itself.
+const SERVICE_COMM: &str = "vbx-service";
+
 /// A backend process, killed on drop.
 pub struct Backend {
     pub child: Child,
@@ -211,43 +214,29 @@ impl Backend {
     /// The pid of the supervisor's service process (`--metrics`, `--control`), waiting up to
     /// 10 s for it.
     pub fn service_pid(&self) -> i32 {
-        let pid = self.pid();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-                .unwrap_or_default();
-            let svc = kids.split_whitespace().find(|k| {
-                std::fs::read_to_string(format!("/proc/{k}/comm"))
-                    .is_ok_and(|c| c.trim() == "vbx-service")
-            });
-            if let Some(k) = svc {
-                return k.parse().unwrap();
-            }
-            assert!(
-                Instant::now() < deadline,
-                "no service process: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
+        self.child_pid("service process", |comm| comm == SERVICE_COMM)
     }
 
     /// The pid of the supervisor's current worker, waiting up to 10 s for one to exist.
     pub fn worker_pid(&self) -> i32 {
+        // Not the service process, which names itself.
+        self.child_pid("worker", |comm| comm != SERVICE_COMM)
+    }
+
+    /// The first child of the supervisor whose command name passes `pick`, waiting up to 10 s.
+    fn child_pid(&self, what: &str, pick: impl Fn(&str) -> bool) -> i32 {
         let pid = self.pid();
         let deadline = Instant::now() + Duration::from_secs(10);
         loop {
             let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
                 .unwrap_or_default();
-            // Not the service process (--metrics, --control), which names itself.
-            let worker = kids.split_whitespace().find(|k| {
-                std::fs::read_to_string(format!("/proc/{k}/comm"))
-                    .is_ok_and(|c| c.trim() != "vbx-service")
+            let found = kids.split_whitespace().find(|k| {
+                std::fs::read_to_string(format!("/proc/{k}/comm")).is_ok_and(|c| pick(c.trim()))
             });
-            if let Some(k) = worker {
+            if let Some(k) = found {
                 return k.parse().unwrap();
             }
-            assert!(Instant::now() < deadline, "no worker: {}", self.log());
+            assert!(Instant::now() < deadline, "no {what}: {}", self.log());
             std::thread::sleep(Duration::from_millis(10));
         }
     }

@@ -387,7 +387,7 @@ struct Facts {
     /// Workers killed by seccomp, by syscall name.
     seccomp_kills: std::collections::BTreeMap<String, u64>,
     /// Workers that ended, by how ("finished", "exited", "signal", "seccomp").
-    exits: std::collections::BTreeMap<&'static str, u64>,
+    exits: std::collections::BTreeMap<String, u64>,
 }
 
 /// The watchdog's state: pings to systemd only while the worker answers the heartbeat.
@@ -790,7 +790,7 @@ impl<'a> Supervisor<'a> {
     }
 
     fn count_exit(&mut self, how: &'static str) {
-        *self.facts.exits.entry(how).or_default() += 1;
+        *self.facts.exits.entry(how.to_string()).or_default() += 1;
     }
 
     /// After a death: one that dies right after starting would otherwise be respawned in a
@@ -991,12 +991,7 @@ impl Supervisor<'_> {
             connections: self.facts.connections,
             restarts: self.restarts,
             seccomp_kills: self.facts.seccomp_kills.clone(),
-            exits: self
-                .facts
-                .exits
-                .iter()
-                .map(|(k, v)| (k.to_string(), *v))
-                .collect(),
+            exits: self.facts.exits.clone(),
             cpu_supervisor: rusage_seconds(libc::RUSAGE_SELF),
             cpu_workers: rusage_seconds(libc::RUSAGE_CHILDREN)
                 + self.child.as_ref().map_or(0.0, |c| proc_cpu_seconds(c.pid)),
