@@ -14,7 +14,6 @@ use std::sync::{Arc, Mutex};
 
 use log::{error, info};
 use vhost::vhost_user::Error as VhostUserError;
-use vhost_user_backend::VringRwLock;
 use vhost_user_backend::{Error as DaemonError, ShutdownHandle, VhostUserBackend, VhostUserDaemon};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
@@ -202,7 +201,9 @@ pub fn serve<B>(
     mem: GuestMemHandle,
 ) -> Result<(), ConnectionError>
 where
-    B: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static,
+    B: VhostUserBackend<Bitmap = crate::dirty::DirtyLog, Vring = crate::launch::GuestVring>
+        + Clone
+        + 'static,
 {
     let drain_rules = std::mem::take(&mut conn.drain_rules);
     let st =

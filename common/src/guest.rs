@@ -13,11 +13,17 @@ use vm_memory::{
     Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress, VolatileSlice,
 };
 
+use crate::dirty::DirtyLog;
 use crate::launch::GuestMem;
+use vm_memory::bitmap::RefSlice;
 
 /// `[addr, addr + len)` as a slice of the one region holding it, if one does.
 #[inline]
-pub fn slice(mem: &GuestMem, addr: GuestAddress, len: usize) -> Option<VolatileSlice<'_, ()>> {
+pub fn slice(
+    mem: &GuestMem,
+    addr: GuestAddress,
+    len: usize,
+) -> Option<VolatileSlice<'_, RefSlice<'_, DirtyLog>>> {
     let r = mem.find_region(addr)?;
     let off = addr.0 - r.start_addr().0;
     r.get_slice(MemoryRegionAddress(off), len).ok()

@@ -33,11 +33,15 @@ use crate::sandbox::supervisor::{self, EmptyDir, WorkerCtx, EXIT_JAIL_FAILED};
 use crate::sandbox::{self, JailConfig, SandboxMode};
 use crate::{error_chain, EXIT_USAGE};
 
-/// Guest memory as the backends map it (no dirty bitmap).
-pub type GuestMem = GuestMemoryMmap<()>;
+/// Guest memory as the backends map it, each region with its dirty-page log
+/// ([`crate::dirty`]).
+pub type GuestMem = GuestMemoryMmap<crate::dirty::DirtyLog>;
 
 /// The connection's guest memory: the frontend's current table, replaced as it changes.
 pub type GuestMemHandle = GuestMemoryAtomic<GuestMem>;
+
+/// A vring over the connection's guest memory.
+pub type GuestVring = VringRwLock<GuestMemHandle>;
 
 /// Resource limits of a worker, which depend on the device.
 #[derive(Debug, Clone, Copy)]
@@ -126,7 +130,9 @@ pub trait Device: Sized {
     /// up: a replacement would fail the same way).
     type BuildError: std::error::Error;
     /// The vhost-user backend of one connection.
-    type Backend: VhostUserBackend<Bitmap = (), Vring = VringRwLock> + Clone + 'static;
+    type Backend: VhostUserBackend<Bitmap = crate::dirty::DirtyLog, Vring = crate::launch::GuestVring>
+        + Clone
+        + 'static;
 
     /// Validates the command line.
     fn configure(args: Self::Args) -> Result<(CommonConfig, Self), Self::ConfigError>;
@@ -167,6 +173,8 @@ pub fn main<D: Device>() -> i32 {
         return 0;
     }
     let args = D::Args::parse();
+    // Test-only switches are read here: the jail clears the environment.
+    crate::dirty::read_test_switch();
     let (common, dev) = match D::configure(args) {
         Ok(c) => c,
         Err(e) => {

@@ -9,6 +9,7 @@ pub mod cli;
 pub mod connection;
 pub mod control;
 pub mod ctl;
+pub mod dirty;
 pub mod guest;
 pub mod inflight;
 pub mod launch;

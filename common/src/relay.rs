@@ -36,7 +36,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 
 use log::debug;
 use vhost::vhost_user::message::{
-    FrontendReq, VhostUserHeaderFlag, VhostUserMemory, VhostUserMemoryRegion,
+    FrontendReq, VhostUserHeaderFlag, VhostUserLog, VhostUserMemory, VhostUserMemoryRegion,
     VhostUserSingleMemoryRegion, VhostUserVringAddr, VhostUserVringState, MAX_MSG_SIZE,
 };
 use vhost::vhost_user::Listener;
@@ -430,8 +430,15 @@ impl EarlyEnable {
 /// - SET_MEM_TABLE and ADD_MEM_REG whose regions lie beyond their fd's end, or whose fd is not
 ///   a regular file (a memfd, a hugetlbfs or tmpfs file): the worker would die of SIGBUS at
 ///   the first access.
+/// - SET_LOG_BASE whose log is not a regular file (memfd), lies beyond its fd's end, is
+///   empty or larger than [`MAX_LOG_BYTES`], or does not cover the guest memory the frontend
+///   set: the worker would die of SIGBUS at the first logged write, or the library would end
+///   the connection. The reply to SET_LOG_BASE has no status field, so this refusal ends the
+///   connection (see [`relay`]).
 #[derive(Default)]
 struct Checks {
+    /// Guest memory regions as the frontend set them: (guest address, size).
+    regions: Vec<(u64, u64)>,
     /// Rings whose last SET_VRING_NUM was refused.
     no_size: std::collections::BTreeSet<u32>,
     /// Whether the frontend's memory was found not sealed against shrinking (logged once).
@@ -439,6 +446,11 @@ struct Checks {
     /// The device's rings, if the caller said.
     rings: Option<RingLimit>,
 }
+
+/// The largest dirty-page log accepted: 1 GiB, one bit per page of 32 TiB of guest memory.
+pub const MAX_LOG_BYTES: u64 = 1 << 30;
+/// The page size the dirty-page log counts in (the vhost-user spec's VHOST_LOG_PAGE).
+const LOG_PAGE: u64 = 0x1000;
 
 /// Bits 0-7 of a SET_VRING_KICK/CALL/ERR payload: the ring; bit 8: no fd (polling).
 const VRING_IDX_MASK: u64 = 0xff;
@@ -493,13 +505,16 @@ impl Checks {
                 if n != m.fds.len() || body.len() < n * size {
                     return Err(format!("{n} regions, {} fds", m.fds.len()));
                 }
+                let mut regions = Vec::with_capacity(n);
                 for (i, fd) in m.fds.iter().enumerate() {
                     let r = VhostUserMemoryRegion::from_slice(&body[i * size..(i + 1) * size])
                         .copied()
                         .ok_or("bad region")?;
                     self.check_region(fd, r.mmap_offset, r.memory_size)
                         .map_err(|e| format!("region {i}: {e}"))?;
+                    regions.push((r.guest_phys_addr, r.memory_size));
                 }
+                self.regions = regions;
                 Ok(())
             }
             Some(ADD_MEM_REG) => {
@@ -507,7 +522,21 @@ impl Checks {
                     .payload_as::<VhostUserSingleMemoryRegion>()
                     .ok_or("short payload")?;
                 let fd = m.fds.first().ok_or("no fd")?;
-                self.check_region(fd, r.mmap_offset, r.memory_size)
+                self.check_region(fd, r.mmap_offset, r.memory_size)?;
+                self.regions.push((r.guest_phys_addr, r.memory_size));
+                Ok(())
+            }
+            Some(REM_MEM_REG) => {
+                if let Some(r) = m.payload_as::<VhostUserSingleMemoryRegion>() {
+                    let gpa = r.guest_phys_addr;
+                    self.regions.retain(|&(a, _)| a != gpa);
+                }
+                Ok(())
+            }
+            Some(SET_LOG_BASE) => self.check_log(m),
+            Some(SET_LOG_FD) => {
+                let fd = m.fds.first().ok_or("no fd")?;
+                check_eventfd(fd)
             }
             _ => Ok(()),
         }
@@ -541,6 +570,37 @@ impl Checks {
             )),
             _ => Ok(()),
         }
+    }
+
+    /// The dirty-page log: a shared file covering every guest page the frontend mapped.
+    fn check_log(&mut self, m: &Msg) -> Result<(), String> {
+        let log = m.payload_as::<VhostUserLog>().ok_or("short payload")?;
+        let fd = m.fds.first().ok_or("no fd")?;
+        let (size, offset) = (log.mmap_size, log.mmap_offset);
+        if size > MAX_LOG_BYTES {
+            return Err(format!(
+                "a {size}-byte log, more than the {MAX_LOG_BYTES} bytes that cover 32 TiB of \
+                 guest memory"
+            ));
+        }
+        self.check_region(fd, offset, size)
+            .map_err(|e| format!("log: {e}"))?;
+        // One bit per 4 KiB page, from guest address 0 to the end of the highest region.
+        let end = self
+            .regions
+            .iter()
+            .map(|&(a, n)| a.saturating_add(n))
+            .max()
+            .unwrap_or(0);
+        let needed = end.div_ceil(LOG_PAGE).div_ceil(8);
+        if size < needed {
+            return Err(format!(
+                "a {size}-byte log covers {} bytes of guest memory, which ends at {end:#x} \
+                 (needs {needed} bytes)",
+                size.saturating_mul(8 * LOG_PAGE)
+            ));
+        }
+        Ok(())
     }
 
     /// A guest memory region of `len` bytes at `offset` in `fd`.
@@ -637,6 +697,17 @@ fn relay(
                     return Ok(());
                 };
                 if let Err(why) = checks.check(&m) {
+                    if m.request() == Some(FrontendReq::SET_LOG_BASE) {
+                        // The reply carries no status (QEMU reads any reply as success), and
+                        // a migration that goes on without a usable log would corrupt the
+                        // destination silently: the connection ends instead, so the frontend
+                        // sees the failure. The backend serves the next connection.
+                        log::warn!(
+                            "refused SET_LOG_BASE: {why}; ending the connection (a migration \
+                             without a usable dirty log would corrupt the destination)"
+                        );
+                        return Ok(());
+                    }
                     log::warn!("refused {}: {why}", request_name(&m));
                     if m.needs_reply() {
                         write_msg(&frontend, &Msg::nack(m.code()))?;
@@ -650,6 +721,15 @@ fn relay(
                         }
                         continue;
                     }
+                }
+                if m.request() == Some(FrontendReq::SET_LOG_FD) {
+                    // The log's eventfd (for frontends that want a signal per logged write;
+                    // QEMU never sends it). Checked above; logging needs no signal, so it is
+                    // closed here instead of reaching the library, which does not know it.
+                    if m.needs_reply() {
+                        write_msg(&frontend, &Msg::ack(FrontendReq::SET_LOG_FD, true))?;
+                    }
+                    continue;
                 }
                 if early.take(&m) {
                     if m.needs_reply() {

@@ -384,8 +384,10 @@ pub fn serve_stream<B>(
     stream: std::os::unix::net::UnixStream,
 ) -> Result<(), crate::connection::ConnectionError>
 where
-    B: vhost_user_backend::VhostUserBackend<Bitmap = (), Vring = vhost_user_backend::VringRwLock>
-        + Clone
+    B: vhost_user_backend::VhostUserBackend<
+            Bitmap = crate::dirty::DirtyLog,
+            Vring = crate::launch::GuestVring,
+        > + Clone
         + 'static,
 {
     use crate::connection::ConnectionError;

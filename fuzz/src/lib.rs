@@ -7,7 +7,7 @@ use std::os::unix::net::UnixStream;
 
 use vhostbox_common::test_utils::{device_queue, Layout};
 use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress};
 
 /// Guest memory size: small, so that random addresses often land inside it.
 pub const MEM: usize = 0x10000;
@@ -18,7 +18,7 @@ pub const AVAIL_RING: u64 = 0x10;
 pub const DESC_TABLE: u64 = 0x400;
 pub const USED_RING: u64 = 0x8000;
 
-pub type Mem = GuestMemoryMmap<()>;
+pub type Mem = vhostbox_common::launch::GuestMem;
 
 /// 64 KiB of guest memory holding `data` from address 0 (the rest zero).
 pub fn memory(data: &[u8]) -> Mem {

@@ -257,6 +257,22 @@ impl Backend {
         }
     }
 
+    /// Waits (up to 20 s) until `needle` appears at least `n` times in the log.
+    pub fn wait_log_count(&self, needle: &str, n: usize) -> String {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            let log = self.log();
+            if log.matches(needle).count() >= n {
+                return log;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{needle:?} not {n} times in the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
     /// Whether the process still runs.
     pub fn alive(&mut self) -> bool {
         matches!(self.child.try_wait(), Ok(None))

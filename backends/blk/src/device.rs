@@ -9,7 +9,8 @@ use std::sync::{Arc, Mutex};
 use log::{debug, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringState, VringT};
+use vhost_user_backend::{VhostUserBackend, VringState, VringT};
+use vhostbox_common::launch::GuestVring;
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -60,7 +61,8 @@ pub fn device_features(shared: &Shared) -> u64 {
         | 1 << VIRTIO_BLK_F_TOPOLOGY
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_CONFIG_WCE
-        | 1 << VIRTIO_BLK_F_MQ;
+        | 1 << VIRTIO_BLK_F_MQ
+        | vhostbox_common::dirty::VHOST_F_LOG_ALL;
     if shared.disk.readonly {
         f |= 1 << VIRTIO_BLK_F_RO;
     } else {
@@ -119,7 +121,7 @@ pub struct BlkBackend {
     queues: Vec<Mutex<BlkQueue>>,
     /// The vring each queue runs on, remembered at its first event so that a stop can
     /// publish what it drains.
-    vrings: Vec<Mutex<Option<VringRwLock>>>,
+    vrings: Vec<Mutex<Option<GuestVring>>>,
     acked: AtomicU64,
     exit: vhostbox_common::ExitEvents,
 }
@@ -150,7 +152,7 @@ impl BlkBackend {
             .map(|m| m.lock().unwrap_or_else(|e| e.into_inner()))
     }
 
-    fn vring(&self, q: usize) -> Option<VringRwLock> {
+    fn vring(&self, q: usize) -> Option<GuestVring> {
         self.vrings
             .get(q)?
             .lock()
@@ -191,8 +193,8 @@ impl BlkBackend {
 }
 
 impl VhostUserBackend for BlkBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhostbox_common::dirty::DirtyLog;
+    type Vring = GuestVring;
 
     fn num_queues(&self) -> usize {
         usize::from(self.cfg.num_queues)
@@ -208,6 +210,7 @@ impl VhostUserBackend for BlkBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
+        vhostbox_common::dirty::set_logging_from_features(features);
     }
 
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
@@ -216,6 +219,7 @@ impl VhostUserBackend for BlkBackend {
             | VhostUserProtocolFeatures::CONFIG
             | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
             | VhostUserProtocolFeatures::INFLIGHT_SHMFD
+            | VhostUserProtocolFeatures::LOG_SHMFD
     }
 
     fn set_event_idx(&self, _enabled: bool) {}
@@ -271,7 +275,7 @@ impl VhostUserBackend for BlkBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[GuestVring],
         thread_id: usize,
     ) -> io::Result<()> {
         if evset != EventSet::IN {

@@ -12,13 +12,14 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use log::{debug, info, warn};
-use vhostbox_common::guest;
 use vhostbox_common::inflight::{InflightSlot, QueueTracker};
 use vhostbox_common::launch::GuestMemHandle;
 use vhostbox_common::metrics::{self, QueueStats};
 use vhostbox_common::poll::AdaptivePoll;
 use vhostbox_common::ring;
+use vhostbox_common::{dirty, guest};
 use virtio_queue::{Queue, QueueT};
+use vm_memory::bitmap::Bitmap;
 use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryBackend};
 
 use crate::disk::{Disk, DiskKind};
@@ -71,6 +72,8 @@ struct Slot {
     mem: Option<Arc<GuestMem>>,
     /// When the request was taken (timed queues only).
     t0: Option<Instant>,
+    /// The engine writes into the iovecs (a read): marked in the dirty log when it is done.
+    into_guest: bool,
 }
 
 /// The vring a queue runs on, as its loop needs it.
@@ -154,6 +157,7 @@ impl BlkQueue {
                     iov: Vec::new(),
                     mem: None,
                     t0: None,
+                    into_guest: false,
                 })
                 .collect(),
             free: (0..n).rev().collect(),
@@ -674,6 +678,13 @@ impl BlkQueue {
             return Ok(false);
         };
         let (head, status_addr, used_len, t0) = (slot.head, slot.status, slot.used_len, slot.t0);
+        if slot.into_guest && dirty::logging() {
+            // The kernel wrote these behind vm-memory's back: log them before the used entry.
+            let m = slot.mem.as_deref().unwrap_or(mem);
+            for v in &slot.iov {
+                dirty::mark_host(m, v.iov_base.cast_const().cast(), v.iov_len);
+            }
+        }
         let status = match c.result {
             Ok(_) => VIRTIO_BLK_S_OK,
             Err(e) => {
@@ -959,6 +970,7 @@ impl BlkQueue {
         slot.status = status;
         slot.used_len = used_len;
         slot.t0 = self.clock;
+        slot.into_guest = matches!(op, Op::Read { .. });
         slot.iov.clear();
         let mut bad = false;
         for s in data.unwrap_or(&[]) {
@@ -1036,6 +1048,7 @@ fn zero_fill(mem: &GuestMem, data: &[Segment]) -> Result<(), ()> {
             // SAFETY: the slice lies in guest memory (one region); writing zeros there is
             // exactly what a read of the null device does.
             unsafe { std::ptr::write_bytes(vs.ptr_guard_mut().as_ptr(), 0, vs.len()) };
+            vs.bitmap().mark_dirty(0, vs.len());
             continue;
         }
         for vs in mem.get_slices(s.addr, s.len as usize) {
@@ -1043,6 +1056,7 @@ fn zero_fill(mem: &GuestMem, data: &[Segment]) -> Result<(), ()> {
             // SAFETY: the slice was checked to lie in guest memory; writing zeros there is
             // exactly what a read of the null device does.
             unsafe { std::ptr::write_bytes(vs.ptr_guard_mut().as_ptr(), 0, vs.len()) };
+            vs.bitmap().mark_dirty(0, vs.len());
         }
     }
     Ok(())

@@ -23,11 +23,11 @@ use log::debug;
 use vhostbox_common::metrics::{self, Counters, QueueStats};
 use vhostbox_common::ring;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend};
 
 use crate::hdr::{self, check_tx, fix_rx, NetHdr, ETH_HLEN, MAX_FRAME_LEN, NUM_BUFFERS_OFFSET};
 
-pub type GuestMem = GuestMemoryMmap<()>;
+pub use vhostbox_common::launch::GuestMem;
 
 /// Frames handled per direction before a pass yields to other events.
 pub const BUDGET: usize = 256;

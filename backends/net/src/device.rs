@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 
 use log::{info, warn};
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use vhostbox_common::launch::GuestVring;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_net::*;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC};
@@ -68,7 +69,8 @@ pub fn device_features(cfg: &DeviceConfig) -> u64 {
         | 1 << VIRTIO_NET_F_GUEST_UFO
         | 1 << VIRTIO_NET_F_MRG_RXBUF
         | 1 << VIRTIO_NET_F_MAC
-        | 1 << VIRTIO_NET_F_STATUS;
+        | 1 << VIRTIO_NET_F_STATUS
+        | vhostbox_common::dirty::VHOST_F_LOG_ALL;
     if cfg.queue_pairs > 1 {
         f |= 1 << VIRTIO_NET_F_MQ;
     }
@@ -132,13 +134,13 @@ pub struct NetBackend {
     base: Vec<Vec<u64>>,
 }
 
-fn active(v: &VringRwLock) -> bool {
+fn active(v: &GuestVring) -> bool {
     let s = v.get_ref();
     s.is_enabled() && s.get_queue().ready()
 }
 
 /// Kicks the vring's own kick eventfd, so its worker comes back after other pending events.
-fn self_kick(v: &VringRwLock) {
+fn self_kick(v: &GuestVring) {
     if let Some(k) = v.get_ref().get_kick() {
         let one = 1u64;
         // SAFETY: writes 8 bytes from a u64 we own to an eventfd.
@@ -217,7 +219,7 @@ impl NetBackend {
     fn pass(
         &self,
         worker: &mut QueuePair<TapHandle>,
-        vring: &VringRwLock,
+        vring: &GuestVring,
         rx: bool,
         mem: &GuestMem,
     ) -> io::Result<()> {
@@ -236,8 +238,8 @@ impl NetBackend {
 }
 
 impl VhostUserBackend for NetBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhostbox_common::dirty::DirtyLog;
+    type Vring = GuestVring;
 
     fn num_queues(&self) -> usize {
         2 * usize::from(self.cfg.queue_pairs)
@@ -253,6 +255,7 @@ impl VhostUserBackend for NetBackend {
 
     fn acked_features(&self, features: u64) {
         self.acked.store(features, Ordering::Relaxed);
+        vhostbox_common::dirty::set_logging_from_features(features);
         let offloads = hdr::tap_offloads(features);
         let hdr_len = hdr::hdr_len(features);
         // Header size and offloads belong to the tap device: one queue sets them for all.
@@ -272,7 +275,8 @@ impl VhostUserBackend for NetBackend {
     fn protocol_features(&self) -> VhostUserProtocolFeatures {
         let f = VhostUserProtocolFeatures::MQ
             | VhostUserProtocolFeatures::REPLY_ACK
-            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS;
+            | VhostUserProtocolFeatures::CONFIGURE_MEM_SLOTS
+            | VhostUserProtocolFeatures::LOG_SHMFD;
         if self.cfg.offer_config {
             f | VhostUserProtocolFeatures::CONFIG
         } else {
@@ -309,7 +313,7 @@ impl VhostUserBackend for NetBackend {
         &self,
         device_event: u16,
         evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[GuestVring],
         thread_id: usize,
     ) -> io::Result<()> {
         let (Some(rxv), Some(txv)) = (vrings.first(), vrings.get(1)) else {

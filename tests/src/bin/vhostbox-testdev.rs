@@ -11,7 +11,8 @@ use std::sync::Arc;
 use clap::Parser;
 use vhost::vhost_user::message::VhostUserProtocolFeatures;
 use vhost::vhost_user::VhostUserVirtioFeatures;
-use vhost_user_backend::{VhostUserBackend, VringRwLock, VringT};
+use vhost_user_backend::{VhostUserBackend, VringT};
+use vhostbox_common::launch::GuestVring;
 use virtio_queue::{QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddressSpace};
 use vmm_sys_util::epoll::EventSet;
@@ -45,8 +46,8 @@ struct FillBackend {
 }
 
 impl VhostUserBackend for FillBackend {
-    type Bitmap = ();
-    type Vring = VringRwLock;
+    type Bitmap = vhostbox_common::dirty::DirtyLog;
+    type Vring = GuestVring;
 
     fn num_queues(&self) -> usize {
         1
@@ -76,7 +77,7 @@ impl VhostUserBackend for FillBackend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[GuestVring],
         _thread: usize,
     ) -> io::Result<()> {
         let (0, Some(vring)) = (device_event, vrings.first()) else {
