@@ -13,7 +13,7 @@
 //! - Its slices borrow the region's bitmap ([`RefSlice`]) instead of cloning an `Arc` per
 //!   guest access: the library's own slice type costs two atomic operations on one shared
 //!   cache line for every descriptor read, on every queue thread, logging or not.
-//! - Marking is skipped unless VHOST_F_LOG_ALL is acknowledged ([`set_logging`]): with
+//! - Marking is skipped unless VHOST_F_LOG_ALL is acknowledged ([`set_logging_from_features`]): with
 //!   logging off a write costs one relaxed load of a flag that never changes, and logging
 //!   really stops when the frontend turns it off (the library would go on marking until the
 //!   connection ends).
@@ -27,6 +27,7 @@
 
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use vhost::vhost_user::VhostUserVirtioFeatures;
 use vhost_user_backend::bitmap::{AtomicBitmapMmap, BitmapMmapRegion, BitmapReplace};
 use vm_memory::bitmap::{Bitmap, RefSlice, WithBitmapSlice};
 use vm_memory::mmap::NewBitmap;
@@ -34,19 +35,12 @@ use vm_memory::{GuestMemoryBackend, GuestMemoryRegion, MemoryRegionAddress};
 
 use crate::launch::GuestMem;
 
-/// VHOST_F_LOG_ALL: the frontend wants every write into guest memory logged.
-pub const VHOST_F_LOG_ALL: u64 = 1 << 26;
-
 /// Whether VHOST_F_LOG_ALL is acknowledged on this process's connection.
 static LOGGING: AtomicBool = AtomicBool::new(false);
 
 /// Turns marking on or off, as the frontend's SET_FEATURES says (`features` as acknowledged).
 pub fn set_logging_from_features(features: u64) {
-    set_logging(features & VHOST_F_LOG_ALL != 0);
-}
-
-/// Turns marking on or off.
-pub fn set_logging(on: bool) {
+    let on = features & VhostUserVirtioFeatures::LOG_ALL.bits() != 0;
     let was = LOGGING.swap(on, Ordering::SeqCst);
     if was != on {
         log::info!(

@@ -18,7 +18,7 @@ use vhostbox_tests::frontend::{
 };
 use vhostbox_tests::{blk_args, pattern, probe_bin, sparse_image, Backend};
 
-const LOG_ALL: u64 = 1 << 26;
+const LOG_ALL: u64 = vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
 const PAGE: u64 = 4096;
 const MEM: usize = 16 << 20;
 const ENGINES: [&str; 2] = ["io-uring", "sync"];
@@ -68,11 +68,11 @@ fn set_log(dev: &mut VhostUserDevice, log: &std::fs::File, size: u64, offset: u6
 }
 
 fn start(dir: &Path, engine: &str) -> (Backend, std::path::PathBuf) {
-    start_with(dir, engine, None)
+    start_with(dir, engine, false)
 }
 
 /// `skip_dma_log`: the test-only build that forgets the writes vm-memory cannot see.
-fn start_with(dir: &Path, engine: &str, skip_dma_log: Option<()>) -> (Backend, std::path::PathBuf) {
+fn start_with(dir: &Path, engine: &str, skip_dma_log: bool) -> (Backend, std::path::PathBuf) {
     let img = sparse_image(&dir.join("disk.img"), 8 << 20);
     let mut data = vec![0u8; 8 << 20];
     for (i, b) in data.chunks_mut(512).enumerate() {
@@ -81,14 +81,15 @@ fn start_with(dir: &Path, engine: &str, skip_dma_log: Option<()>) -> (Backend, s
     std::fs::write(&img, &data).unwrap();
     let sock = dir.join("blk.sock");
     let extra = ["--engine", engine, "--seccomp", "kill"];
-    let be = match skip_dma_log {
-        None => Backend::blk(&sock, &img, &extra),
-        Some(()) => Backend::start_exe_env(
+    let be = if skip_dma_log {
+        Backend::start_exe_env(
             &probe_bin("vhostbox-blk"),
             &sock,
             &blk_args(&sock, &img, &extra),
             &[("VHOSTBOX_PROBE_SKIP_DMA_LOG", "1")],
-        ),
+        )
+    } else {
+        Backend::blk(&sock, &img, &extra)
     };
     (be, img)
 }
@@ -243,7 +244,7 @@ fn every_page_the_backend_writes_is_logged_and_only_while_logging() {
 fn a_backend_that_forgets_engine_writes_is_caught() {
     for engine in ENGINES {
         let dir = tempfile::tempdir().unwrap();
-        let (be, _img) = start_with(dir.path(), engine, Some(()));
+        let (be, _img) = start_with(dir.path(), engine, true);
         let mut dev = connect(&be.socket);
         let log_len = (MEM as u64 / PAGE).div_ceil(8);
         let log = memfd(log_len);

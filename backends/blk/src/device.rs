@@ -62,7 +62,7 @@ pub fn device_features(shared: &Shared) -> u64 {
         | 1 << VIRTIO_BLK_F_FLUSH
         | 1 << VIRTIO_BLK_F_CONFIG_WCE
         | 1 << VIRTIO_BLK_F_MQ
-        | vhostbox_common::dirty::VHOST_F_LOG_ALL;
+        | VhostUserVirtioFeatures::LOG_ALL.bits();
     if shared.disk.readonly {
         f |= 1 << VIRTIO_BLK_F_RO;
     } else {

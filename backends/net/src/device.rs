@@ -70,7 +70,7 @@ pub fn device_features(cfg: &DeviceConfig) -> u64 {
         | 1 << VIRTIO_NET_F_MRG_RXBUF
         | 1 << VIRTIO_NET_F_MAC
         | 1 << VIRTIO_NET_F_STATUS
-        | vhostbox_common::dirty::VHOST_F_LOG_ALL;
+        | vhost::vhost_user::VhostUserVirtioFeatures::LOG_ALL.bits();
     if cfg.queue_pairs > 1 {
         f |= 1 << VIRTIO_NET_F_MQ;
     }
