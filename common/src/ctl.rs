@@ -41,14 +41,33 @@ pub enum Command {
         /// The new size in bytes, or with a K, M, G or T suffix.
         size: String,
     },
-    /// Change I/O limits of the running device.
+    /// Change I/O limits of the running device (vhostbox-blk). Limits not named keep their
+    /// values; 0 removes one. Takes effect within 50 ms, without dropping a request.
     SetLimits {
-        /// Requests per second (0: none).
-        #[arg(long)]
+        /// Reads and writes per second, together.
+        #[arg(long, value_name = "N")]
         iops: Option<u64>,
-        /// Bytes per second, with an optional K, M, G suffix (0: none).
-        #[arg(long)]
-        bandwidth: Option<String>,
+        /// Reads per second.
+        #[arg(long, value_name = "N")]
+        read_iops: Option<u64>,
+        /// Writes per second.
+        #[arg(long, value_name = "N")]
+        write_iops: Option<u64>,
+        /// Bytes per second, together, with an optional K, M, G suffix.
+        #[arg(long, value_name = "SIZE")]
+        bps: Option<String>,
+        /// Bytes read per second.
+        #[arg(long, value_name = "SIZE")]
+        read_bps: Option<String>,
+        /// Bytes written per second.
+        #[arg(long, value_name = "SIZE")]
+        write_bps: Option<String>,
+        /// The most operations an IOPS bucket holds (0: a tenth of a second's worth).
+        #[arg(long, value_name = "N")]
+        iops_burst: Option<u64>,
+        /// The most bytes a byte bucket holds (0: a tenth of a second's worth).
+        #[arg(long, value_name = "SIZE")]
+        bps_burst: Option<String>,
     },
     /// Hand the running device over to a new vhostbox binary.
     Upgrade,
@@ -68,8 +87,37 @@ pub fn request(c: &Command) -> Result<String, String> {
         Command::Status => json!({"command": "status"}),
         Command::Stats => json!({"command": "stats"}),
         Command::Resize { size } => json!({"command": "resize", "size": size}),
-        Command::SetLimits { iops, bandwidth } => {
-            json!({"command": "set-limits", "iops": iops, "bandwidth": bandwidth})
+        Command::SetLimits {
+            iops,
+            read_iops,
+            write_iops,
+            bps,
+            read_bps,
+            write_bps,
+            iops_burst,
+            bps_burst,
+        } => {
+            let mut m = serde_json::Map::new();
+            m.insert("command".into(), json!("set-limits"));
+            let given = [
+                ("iops", iops.map(|v| json!(v))),
+                ("read-iops", read_iops.map(|v| json!(v))),
+                ("write-iops", write_iops.map(|v| json!(v))),
+                ("bps", bps.as_ref().map(|v| json!(v))),
+                ("read-bps", read_bps.as_ref().map(|v| json!(v))),
+                ("write-bps", write_bps.as_ref().map(|v| json!(v))),
+                ("iops-burst", iops_burst.map(|v| json!(v))),
+                ("bps-burst", bps_burst.as_ref().map(|v| json!(v))),
+            ];
+            for (k, v) in given {
+                if let Some(v) = v {
+                    m.insert(k.into(), v);
+                }
+            }
+            if m.len() == 1 {
+                return Err("set-limits: name at least one limit (see --help)".into());
+            }
+            serde_json::Value::Object(m)
         }
         Command::Upgrade => json!({"command": "upgrade"}),
         Command::Commands => json!({"command": "help"}),

@@ -118,6 +118,8 @@ pub trait Device: Sized {
     const CAPABILITIES: &'static str;
     /// The per-queue series the device counts in [`crate::metrics::Page`] (`--metrics`).
     const METRICS: &'static [crate::metrics::Def] = &[];
+    /// What `set-limits` can change at run time ([`crate::settings`]); none by default.
+    const SETTINGS: &'static [crate::settings::Setting] = &[];
     /// The command line (a clap parser that flattens [`crate::cli::CommonArgs`]).
     type Args: Parser;
     /// Why the command line cannot be used.
@@ -141,6 +143,11 @@ pub trait Device: Sized {
     fn open(&self) -> Result<Self::Opened, Self::OpenError>;
 
     /// Blocks of counters in the metrics page: queues (blk), queue pairs (net).
+    /// The values of [`Self::SETTINGS`] the command line gave, in order.
+    fn initial_settings(&self) -> Vec<u64> {
+        Vec::new()
+    }
+
     fn metric_queues(&self) -> usize {
         1
     }
@@ -197,6 +204,12 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         Ok(s) => s,
         Err(e) => return usage(D::NAME, &e),
     };
+    if !D::SETTINGS.is_empty() {
+        if let Err(e) = crate::settings::Settings::install(D::SETTINGS, &dev.initial_settings()) {
+            error!("cannot map the settings page: {e}");
+            return 1;
+        }
+    }
     let mut listener = match VhostListener::open(&common.listen, common.socket_perms) {
         Ok(l) => l,
         Err(e) => return usage(D::NAME, &e),

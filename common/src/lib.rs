@@ -21,6 +21,7 @@ pub mod relay;
 pub mod ring;
 pub mod sandbox;
 pub mod service;
+pub mod settings;
 pub mod size;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;

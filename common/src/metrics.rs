@@ -80,6 +80,26 @@ pub enum ConnWord {
     MemRegions = 4,
 }
 
+/// `words` zeroed atomic words in an anonymous shared mapping that lives as long as the
+/// process (it is never unmapped): processes forked after this share it.
+pub(crate) fn shared_words(words: usize) -> std::io::Result<NonNull<AtomicU64>> {
+    // SAFETY: a fresh anonymous shared mapping; nothing else refers to that range.
+    let p = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            words * 8,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_SHARED | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if p == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(NonNull::new(p.cast::<AtomicU64>()).expect("mmap does not return null"))
+}
+
 /// The shared page, once the supervisor made it.
 static PAGE: OnceLock<Page> = OnceLock::new();
 
@@ -102,23 +122,7 @@ impl Page {
         if let Some(p) = PAGE.get() {
             return Ok(p);
         }
-        let len = (1 + queues) * BLOCK_WORDS * 8;
-        // SAFETY: a fresh anonymous shared mapping; nothing else refers to that range.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_SHARED | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        let base = NonNull::new(p.cast::<AtomicU64>()).expect("mmap does not return null");
-        // The mapping lives as long as the process (it is never unmapped).
+        let base = shared_words((1 + queues) * BLOCK_WORDS)?;
         Ok(PAGE.get_or_init(|| Page { base, queues }))
     }
 

@@ -233,6 +233,7 @@ pub fn command(
                 "connections": r.connections,
                 "restarts": r.restarts,
                 "queues": r.queues,
+                "limits": crate::settings::Settings::get().map(|s| s.to_json()),
                 "frontend": {
                     "connected": connected,
                     "features": format!("{:#x}", metrics::conn(ConnWord::Features)),
@@ -262,16 +263,29 @@ pub fn command(
                  capacity change and the config-change message, is not implemented yet)"
             ))
         }
-        "set-limits" => Err(format!(
-            "set-limits: {} has no I/O limits in this version",
-            r.name
-        )),
+        "set-limits" => {
+            let s = crate::settings::Settings::get()
+                .ok_or_else(|| format!("set-limits: {} has no limits to set", r.name))?;
+            let mut limits = args.clone();
+            limits.remove("command");
+            s.update(&limits).map_err(|e| format!("set-limits: {e}"))?;
+            log::info!("set-limits: now {}", s.to_json());
+            Ok(serde_json::json!({ "limits": s.to_json() }))
+        }
         "upgrade" => Err(format!(
             "upgrade: not supported by this version of {}; restart the service instead \
              (frontends with reconnect enabled reconnect to the new process)",
             r.name
         )),
-        "help" => Ok(serde_json::json!({ "commands": COMMANDS })),
+        "help" => {
+            let limits: serde_json::Map<_, _> = crate::settings::Settings::get()
+                .map(|s| s.defs())
+                .unwrap_or_default()
+                .iter()
+                .map(|d| (d.name.to_string(), serde_json::Value::from(d.help)))
+                .collect();
+            Ok(serde_json::json!({ "commands": COMMANDS, "limits": limits }))
+        }
         other => Err(format!("unknown command '{other}' (commands: {COMMANDS})")),
     }
 }

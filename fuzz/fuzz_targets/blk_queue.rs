@@ -20,6 +20,7 @@ fn shared(readonly: bool) -> Arc<Shared> {
             serial: *b"fuzz-serial-00000000",
             writeback: AtomicBool::new(true),
             stats: Default::default(),
+            throttle: Default::default(),
         })
     };
     if readonly {

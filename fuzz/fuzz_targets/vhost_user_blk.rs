@@ -34,6 +34,7 @@ thread_local! {
                 logical_block_size: None,
                 writeback: true,
                 lock: false,
+                limits: [0; 8],
             },
         };
         let shared = blk.open().unwrap();

@@ -111,6 +111,23 @@ pub fn blk_args<'a>(socket: &'a Path, image: &'a Path, extra: &[&'a str]) -> Vec
     v
 }
 
+/// Runs `vhostboxctl --control sock args...`: its exit status, the reply it printed (JSON, on
+/// success) and what it wrote on stderr (the error, on failure).
+pub fn vhostboxctl(sock: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
+    let o = std::process::Command::new(bin_path("vhostboxctl"))
+        .arg("--control")
+        .arg(sock)
+        .args(args)
+        .output()
+        .unwrap();
+    let v = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
+    (
+        o.status.code().unwrap_or(-1),
+        v,
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
 /// The command name the service process (`--metrics`, `--control`) gives itself.
 const SERVICE_COMM: &str = "vbx-service";
 

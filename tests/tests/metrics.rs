@@ -8,13 +8,12 @@
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
-use std::process::Command;
 use std::time::Duration;
 
 use blkio::ReqFlags;
 use vhostbox_tests::blkio_client::Client;
 use vhostbox_tests::openmetrics::{http, scrape, value};
-use vhostbox_tests::{bin_path, pattern, probe_bin, sparse_image, Backend};
+use vhostbox_tests::{pattern, probe_bin, sparse_image, Backend};
 
 /// The service process served every request without dying (a seccomp kill would be replaced
 /// silently as far as the clients can tell).
@@ -27,18 +26,7 @@ fn assert_service_never_died(be: &Backend) {
 }
 
 fn ctl(sock: &Path, args: &[&str]) -> (i32, serde_json::Value, String) {
-    let o = Command::new(bin_path("vhostboxctl"))
-        .arg("--control")
-        .arg(sock)
-        .args(args)
-        .output()
-        .unwrap();
-    let v = serde_json::from_slice(&o.stdout).unwrap_or(serde_json::Value::Null);
-    (
-        o.status.code().unwrap_or(-1),
-        v,
-        String::from_utf8_lossy(&o.stderr).into(),
-    )
+    vhostbox_tests::vhostboxctl(sock, args)
 }
 
 /// 8 writes and 8 verified reads of 4 KiB on queue `q`.

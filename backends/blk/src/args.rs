@@ -112,4 +112,39 @@ pub struct Args {
     /// completes). The guest can change the mode (VIRTIO_BLK_F_CONFIG_WCE).
     #[arg(long)]
     pub writethrough: bool,
+
+    /// I/O limit: reads and writes per second, together (0 or unset: unlimited). Throttled
+    /// requests wait in the backend (the queue stops being taken from); none fails. Changed
+    /// at run time with --control's set-limits.
+    #[arg(long, value_name = "N", help_heading = "I/O limits")]
+    pub limit_iops: Option<u64>,
+
+    /// I/O limit: reads per second.
+    #[arg(long, value_name = "N", help_heading = "I/O limits")]
+    pub limit_read_iops: Option<u64>,
+
+    /// I/O limit: writes per second (discard and write-zeroes count as writes).
+    #[arg(long, value_name = "N", help_heading = "I/O limits")]
+    pub limit_write_iops: Option<u64>,
+
+    /// I/O limit: bytes read and written per second, together (K, M, G suffixes).
+    #[arg(long, value_name = "SIZE", help_heading = "I/O limits")]
+    pub limit_bps: Option<String>,
+
+    /// I/O limit: bytes read per second.
+    #[arg(long, value_name = "SIZE", help_heading = "I/O limits")]
+    pub limit_read_bps: Option<String>,
+
+    /// I/O limit: bytes written per second.
+    #[arg(long, value_name = "SIZE", help_heading = "I/O limits")]
+    pub limit_write_bps: Option<String>,
+
+    /// I/O limit: the most operations an IOPS bucket holds, the burst allowed after a quiet
+    /// spell (default: a tenth of a second at the rate, as QEMU's throttling).
+    #[arg(long, value_name = "N", help_heading = "I/O limits")]
+    pub limit_iops_burst: Option<u64>,
+
+    /// I/O limit: the most bytes a byte bucket holds (default: a tenth of a second's worth).
+    #[arg(long, value_name = "SIZE", help_heading = "I/O limits")]
+    pub limit_bps_burst: Option<String>,
 }

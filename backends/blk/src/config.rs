@@ -35,6 +35,8 @@ pub struct Config {
     pub writeback: bool,
     /// `--lock on`: QEMU-compatible image locks.
     pub lock: bool,
+    /// `--limit-*`, in the order of [`crate::throttle::SETTINGS`] (0: unset).
+    pub limits: [u64; 8],
 }
 
 /// The largest `--poll-max-us`.
@@ -64,6 +66,10 @@ pub enum ConfigError {
     Engine(#[from] crate::engine::EngineKindError),
     #[error("--poll-max-us {0} is out of range 0-{MAX_POLL_US}")]
     PollMax(u32),
+    #[error("--{0}")]
+    LimitSize(&'static str, #[source] SizeError),
+    #[error("--{0} {1} is more than the largest limit, {max}", max = vhostbox_common::settings::MAX_VALUE)]
+    LimitRange(&'static str, u64),
 }
 
 impl TryFrom<Args> for (CommonConfig, Config) {
@@ -95,6 +101,26 @@ impl TryFrom<Args> for (CommonConfig, Config) {
         if a.poll_max_us > MAX_POLL_US {
             return Err(ConfigError::PollMax(a.poll_max_us));
         }
+        let bytes = |flag: &'static str, v: Option<String>| -> Result<u64, ConfigError> {
+            v.map_or(Ok(0), |s| {
+                parse_size(&s).map_err(|e| ConfigError::LimitSize(flag, e))
+            })
+        };
+        let limits = [
+            a.limit_iops.unwrap_or(0),
+            a.limit_read_iops.unwrap_or(0),
+            a.limit_write_iops.unwrap_or(0),
+            bytes("limit-bps", a.limit_bps)?,
+            bytes("limit-read-bps", a.limit_read_bps)?,
+            bytes("limit-write-bps", a.limit_write_bps)?,
+            a.limit_iops_burst.unwrap_or(0),
+            bytes("limit-bps-burst", a.limit_bps_burst)?,
+        ];
+        for (v, d) in limits.iter().zip(crate::throttle::SETTINGS) {
+            if *v > vhostbox_common::settings::MAX_VALUE {
+                return Err(ConfigError::LimitRange(d.name, *v));
+            }
+        }
         let cfg = Config {
             backing,
             readonly: a.readonly,
@@ -107,6 +133,7 @@ impl TryFrom<Args> for (CommonConfig, Config) {
             logical_block_size: a.logical_block_size,
             writeback: !a.writethrough,
             lock: a.lock == "on",
+            limits,
         };
         Ok((common, cfg))
     }
@@ -135,6 +162,25 @@ mod tests {
         assert_eq!(c.poll_max, Duration::from_micros(50));
         assert!(c.writeback);
         assert_eq!(c.serial, [0; 20]);
+        assert_eq!(c.limits, [0; 8]);
+    }
+
+    #[test]
+    fn limits() {
+        let c = parse(&[
+            "--socket-path",
+            "/s",
+            "--null",
+            "1G",
+            "--limit-read-iops",
+            "500",
+            "--limit-write-bps",
+            "10M",
+            "--limit-bps-burst",
+            "1M",
+        ])
+        .unwrap();
+        assert_eq!(c.limits, [0, 500, 0, 0, 0, 10 << 20, 0, 1 << 20]);
     }
 
     #[test]
@@ -165,6 +211,11 @@ mod tests {
             &["--user", "no-such-user-here"],
             &["--user", "0"],
             &["--user", "x:y"],
+            &["--limit-iops", "-5"],
+            &["--limit-iops", "1e6"],
+            &["--limit-bps", "10Q"],
+            &["--limit-read-bps", "2000000T"],
+            &["--limit-iops-burst", "x"],
         ] {
             let mut v = base.to_vec();
             v.extend_from_slice(extra);

@@ -146,6 +146,11 @@ impl BlkBackend {
         num_queues + 1
     }
 
+    /// Event id of a queue's I/O-limit timer.
+    pub fn throttle_event(num_queues: u16) -> u16 {
+        num_queues + 2
+    }
+
     fn queue(&self, q: usize) -> Option<std::sync::MutexGuard<'_, BlkQueue>> {
         self.queues
             .get(q)
@@ -284,14 +289,19 @@ impl VhostUserBackend for BlkBackend {
         let Some(vring) = vrings.first() else {
             return Ok(());
         };
-        let completions = match device_event {
-            0 => false,
-            e if e == Self::completion_event(self.cfg.num_queues) => true,
+        let nq = self.cfg.num_queues;
+        let (completions, timer) = match device_event {
+            0 => (false, false),
+            e if e == Self::completion_event(nq) => (true, false),
+            e if e == Self::throttle_event(nq) => (false, true),
             e => return Err(io::Error::other(format!("unknown event {e}"))),
         };
         let Some(mut queue) = self.queue(thread_id) else {
             return Ok(());
         };
+        if timer {
+            queue.timer_fired();
+        }
         {
             let mut slot = self.vrings[thread_id]
                 .lock()

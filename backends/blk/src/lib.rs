@@ -16,6 +16,7 @@ pub mod queue;
 pub mod request;
 pub mod seccomp;
 pub mod stats;
+pub mod throttle;
 
 use std::io;
 use std::sync::atomic::AtomicBool;
@@ -42,6 +43,8 @@ pub enum BuildError {
     Uring(#[source] io::Error),
     #[error("cannot make the in-flight region")]
     Inflight(#[source] io::Error),
+    #[error("cannot make the I/O limits' timer")]
+    Timer(#[source] io::Error),
 }
 
 /// vhostbox-blk as the launcher runs it.
@@ -54,6 +57,7 @@ impl launch::Device for Blk {
     const QUEUES_FLAG: &'static str = "--num-queues";
     const CAPABILITIES: &'static str = r#"{"type":"block","features":["read-only","blk-file"]}"#;
     const METRICS: &'static [vhostbox_common::metrics::Def] = stats::METRICS;
+    const SETTINGS: &'static [vhostbox_common::settings::Setting] = throttle::SETTINGS;
     type Args = args::Args;
     type ConfigError = config::ConfigError;
     type Opened = Arc<Shared>;
@@ -107,7 +111,12 @@ impl launch::Device for Blk {
             serial: cfg.serial,
             writeback: AtomicBool::new(cfg.writeback),
             stats: Default::default(),
+            throttle: throttle::Throttle::new(&cfg.limits),
         }))
+    }
+
+    fn initial_settings(&self) -> Vec<u64> {
+        self.cfg.limits.to_vec()
     }
 
     fn metric_queues(&self) -> usize {
@@ -170,6 +179,16 @@ impl launch::Device for Blk {
                 mem.clone(),
             );
             q.poll = AdaptivePoll::new(cfg.poll_max);
+            // The I/O limits' wake-up: made here, where timerfd_create is still allowed.
+            let timer = queue::Timer::new().map_err(BuildError::Timer)?;
+            fds.push(timer.raw_fd());
+            watch.push(Watch {
+                thread: usize::from(i),
+                fd: timer.raw_fd(),
+                events: EventSet::IN,
+                id: u64::from(BlkBackend::throttle_event(cfg.num_queues)),
+            });
+            q.set_timer(timer);
             q.track_in(slot.clone(), usize::from(i));
             queues.push(q);
         }

@@ -30,6 +30,7 @@ use crate::request::{
     VIRTIO_BLK_WRITE_ZEROES_FLAG_UNMAP,
 };
 use crate::stats::{QueueCounters, LATENCY_BOUNDS_NS};
+use crate::throttle::{Cost, Throttle};
 
 pub use vhostbox_common::launch::GuestMem;
 
@@ -52,6 +53,67 @@ pub struct Shared {
     /// The guest's cache mode: true = write-back (flush when asked), false = write-through.
     pub writeback: AtomicBool,
     pub stats: Stats,
+    /// The device's I/O limits (shared by its queues).
+    pub throttle: Throttle,
+}
+
+/// The longest a throttled queue sleeps before it looks again: a limit raised at run time
+/// takes effect within this even when the old one had the queue wait for seconds.
+const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
+
+/// A queue's one-shot wake-up for when its I/O limits allow the next request (a
+/// non-blocking timerfd, made before the jail; arming it is `timerfd_settime`).
+#[derive(Debug)]
+pub struct Timer(std::os::fd::OwnedFd);
+
+impl Timer {
+    pub fn new() -> io::Result<Self> {
+        use std::os::fd::FromRawFd;
+        // SAFETY: timerfd_create takes no pointers; the fd is checked before it is owned.
+        let fd = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: a fresh fd that nothing else owns.
+        Ok(Timer(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }))
+    }
+
+    pub fn raw_fd(&self) -> i32 {
+        use std::os::fd::AsRawFd;
+        self.0.as_raw_fd()
+    }
+
+    /// Fires once after `d` (at least 1 us).
+    fn arm(&self, d: Duration) -> io::Result<()> {
+        let d = d.max(Duration::from_micros(1));
+        let spec = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: d.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(d.subsec_nanos() as i32),
+            },
+        };
+        // SAFETY: a valid itimerspec for the call's duration; no old value is asked for.
+        if unsafe { libc::timerfd_settime(self.raw_fd(), 0, &spec, std::ptr::null_mut()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Clears a fired timer (nothing to clear is not an error).
+    fn clear(&self) {
+        let mut n = 0u64;
+        // SAFETY: reads 8 bytes into a local u64 from our non-blocking fd.
+        unsafe { libc::read(self.raw_fd(), (&mut n as *mut u64).cast(), 8) };
+    }
 }
 
 /// Counters, for logs and tests.
@@ -129,6 +191,13 @@ pub struct BlkQueue {
     clock: Option<Instant>,
     /// Requests the current pass took and finished itself (their latency is the pass's).
     finished_in_pass: u64,
+    /// Wakes the queue when the I/O limits allow its next request.
+    timer: Option<Timer>,
+    /// The I/O limits hold the queue: the last pass put a request back and armed the timer.
+    /// No pass re-enables notifications or polls the ring until the timer fires.
+    held: bool,
+    /// The request that was put back (its avail position and head) and what it has drawn.
+    pending: Option<(u16, u16, Cost)>,
 }
 
 // SAFETY: the raw iovec pointers in `slots` point into guest memory kept alive by the slot's
@@ -181,6 +250,55 @@ impl BlkQueue {
             clock: None,
             finished_in_pass: 0,
             stats,
+            timer: None,
+            held: false,
+            pending: None,
+        }
+    }
+
+    /// The timer that wakes the queue when its I/O limits allow the next request.
+    pub fn set_timer(&mut self, t: Timer) {
+        self.timer = Some(t);
+    }
+
+    /// The timer fired: the next pass may take requests again.
+    pub fn timer_fired(&mut self) {
+        if let Some(t) = &self.timer {
+            t.clear();
+        }
+        self.held = false;
+    }
+
+    /// Draws the request at `head` (just popped) from the device's I/O limits. `Err(wait)`:
+    /// it must wait that long; what it drew so far is remembered for the next try.
+    fn admit(&mut self, queue: &Queue, head: u16, mem: &GuestMem) -> Result<(), Duration> {
+        let at = queue.next_avail().wrapping_sub(1);
+        let (mut cost, again) = match self.pending.take() {
+            Some((a, h, c)) if a == at && h == head => (c, true),
+            _ => {
+                // From the descriptors alone; the request is parsed (and checked) later. A
+                // header that cannot be read is not limited: it fails on parsing anyway.
+                let ty = self
+                    .descs
+                    .first()
+                    .and_then(|d| mem.read_obj::<u32>(GuestAddress(d.addr)).ok())
+                    .map_or(RequestType::Flush, |t| {
+                        RequestType::from_u32(u32::from_le(t))
+                    });
+                let total: u64 = self.descs.iter().map(|d| u64::from(d.len)).sum();
+                let data = total.saturating_sub(request::HEADER_BYTES + 1);
+                (Cost::new(ty, data), false)
+            }
+        };
+        match self.shared.throttle.admit(&mut cost) {
+            Ok(()) => Ok(()),
+            Err(wait) => {
+                if !again {
+                    metrics::inc(&self.stats.throttled);
+                }
+                self.pending = Some((at, head, cost));
+                Err(wait)
+            }
         }
     }
 
@@ -246,6 +364,7 @@ impl BlkQueue {
             // thread anyway. (The memory of the last pass serves for looking.)
             let queue = ring.queue();
             let found = if self.take_progress()
+                && !self.held
                 && self.accepting()
                 && self.in_flight() == 0
                 && queue.ready()
@@ -369,6 +488,8 @@ impl BlkQueue {
         let mut cut = false;
         self.pass_bytes = 0;
         self.tick();
+        let limited = self.shared.throttle.refresh();
+        self.held = false;
         while !self.free.is_empty() && !self.stopping {
             if self.pass_bytes >= PASS_BYTES && ring::has_avail(queue, &**mem) {
                 // Enough data for one pass: let the caller publish and notify, so the driver
@@ -382,13 +503,25 @@ impl BlkQueue {
             let Some(head) = queue.pop_descriptor_chain(&**mem).map(|c| c.head_index()) else {
                 break;
             };
+            let table = GuestAddress(queue.desc_table());
+            let chain = HeadChain::new(mem, table, queue.size(), head);
+            let chain = request::read_chain(chain, &mut self.descs);
+            if limited {
+                if let Err(wait) = self.admit(queue, head, mem) {
+                    // Put it back: the queue is not popped until the limits allow it, and a
+                    // frontend that stops the ring meanwhile finds nothing taken.
+                    queue.set_next_avail(queue.next_avail().wrapping_sub(1));
+                    if let Some(t) = &self.timer {
+                        t.arm(wait.min(THROTTLE_RECHECK))?;
+                        self.held = true;
+                    }
+                    break;
+                }
+            }
             popped += 1;
             if let Some(t) = self.tracker.as_mut() {
                 t.begin(head);
             }
-            let table = GuestAddress(queue.desc_table());
-            let chain = HeadChain::new(mem, table, queue.size(), head);
-            let chain = request::read_chain(chain, &mut self.descs);
             used |= self.start(head, chain, queue, mem)?;
         }
         if let Some(e) = self.engine.as_mut() {
@@ -400,7 +533,7 @@ impl BlkQueue {
         self.progress |= popped > 0;
         if cut {
             self.more = true;
-        } else if !self.defer_rearm {
+        } else if !self.defer_rearm && !self.held {
             self.rearm_after(queue, mem, popped)?;
         }
         Ok(used)
@@ -419,6 +552,10 @@ impl BlkQueue {
         // A pass that found nothing although more was reported is not repeated: virtio-queue
         // pops nothing from a ring it considers broken (an avail index too far ahead, an avail
         // ring at address 0) while re-enabling notifications still reports entries.
+        if self.held {
+            // Notifications stay off: the timer wakes the queue.
+            return Ok(());
+        }
         let last_was_empty_retry = std::mem::take(&mut self.retried_empty);
         let retry = popped > 0 || !last_was_empty_retry;
         if !self.free.is_empty()
@@ -1122,6 +1259,7 @@ mod tests {
             serial,
             writeback: AtomicBool::new(true),
             stats: Stats::default(),
+            throttle: Default::default(),
         });
         let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         Env {
@@ -1453,6 +1591,7 @@ mod tests {
                     serial: e.shared.serial,
                     writeback: AtomicBool::new(true),
                     stats: Stats::default(),
+                    throttle: Default::default(),
                 });
                 Env { shared, ..e }
             } else {
@@ -2014,6 +2153,72 @@ mod tests {
         });
     }
 
+    /// The I/O limits hold a queue: a request the buckets cannot pay for is put back on the
+    /// ring (nothing published, the ring position unchanged, notifications left off), the
+    /// timer is armed, and once the buckets refill the same request goes through with what
+    /// it had already drawn kept. Requests that are not limited are unaffected.
+    #[test]
+    fn a_throttled_request_is_put_back_and_resumed() {
+        let mut e = env(1 << 20, false);
+        // 100 reads/s, a burst of 2; bytes at 8 KiB/s with a 4 KiB burst (one read's worth).
+        Arc::get_mut(&mut e.shared).unwrap().throttle =
+            Throttle::new(&[0, 100, 0, 0, 8192, 0, 2, 4096]);
+        let mut vq = ring(&e.mem);
+        let mut q: Queue = vq.queue();
+        let mut w = worker(&e, EngineKind::Sync);
+        w.set_timer(Timer::new().unwrap());
+        // The buckets start empty: wait for one read's bytes (0.5 s) and two IOPS tokens.
+        std::thread::sleep(Duration::from_millis(520));
+        for i in 0..3u64 {
+            header(&e.mem, HDR + i * 16, VIRTIO_BLK_T_IN, i * 8);
+            add_chain(
+                &mut vq,
+                (i * 3) as u16,
+                &[
+                    (HDR + i * 16, 16, false),
+                    (DATA + i * 4096, 4096, true),
+                    (STATUS + i, 1, true),
+                ],
+            );
+        }
+        let used = run(&mut w, &mut q, &e.mem);
+        assert_eq!(used, vec![(0, 4097)], "one read fits the byte bucket");
+        assert!(w.held, "the queue waits for its timer");
+        assert_eq!(q.next_avail(), 1, "the second read was put back");
+        assert!(!w.take_more(), "a held queue asks for no further pass");
+        assert_eq!(w.stats().throttled.load(Ordering::Relaxed), 1);
+        // A pass before the refill takes nothing and counts nothing twice.
+        w.timer_fired();
+        let used = run(&mut w, &mut q, &e.mem);
+        assert!(used.is_empty(), "{used:?}");
+        assert_eq!(w.stats().throttled.load(Ordering::Relaxed), 1);
+        // The timer's fd became readable when the wait was over.
+        let mut p = libc::pollfd {
+            fd: w.timer.as_ref().unwrap().raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let fired = unsafe { libc::poll(&mut p, 1, 2000) };
+        assert_eq!(fired, 1, "timer never fired");
+        std::thread::sleep(Duration::from_millis(520));
+        w.timer_fired();
+        let used = run(&mut w, &mut q, &e.mem);
+        assert_eq!(used, vec![(3, 4097)]);
+        assert_eq!(status(&e.mem, STATUS + 1), VIRTIO_BLK_S_OK);
+        // A flush is never limited, even behind a held read.
+        header(&e.mem, HDR + 0x100, VIRTIO_BLK_T_FLUSH, 0);
+        let mut w2 = worker(&e, EngineKind::Sync);
+        let mut vq2 = ring(&e.mem);
+        let mut q2: Queue = vq2.queue();
+        add_chain(
+            &mut vq2,
+            0,
+            &[(HDR + 0x100, 16, false), (STATUS + 9, 1, true)],
+        );
+        assert_eq!(run(&mut w2, &mut q2, &e.mem), vec![(0, 1)]);
+    }
+
     #[test]
     fn null_device_reads_zeros() {
         let shared = Arc::new(Shared {
@@ -2021,6 +2226,7 @@ mod tests {
             serial: [0; 20],
             writeback: AtomicBool::new(true),
             stats: Stats::default(),
+            throttle: Default::default(),
         });
         let mem = Arc::new(GuestMem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
         let mut vq = ring(&mem);

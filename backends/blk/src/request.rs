@@ -28,7 +28,7 @@ pub const VIRTIO_BLK_ID_BYTES: usize = vb::VIRTIO_BLK_ID_BYTES as usize;
 pub const DISCARD_SEGMENT_BYTES: u64 =
     std::mem::size_of::<vb::virtio_blk_discard_write_zeroes>() as u64;
 
-const HEADER_BYTES: u64 = 16;
+pub const HEADER_BYTES: u64 = 16;
 pub const SECTOR_SHIFT: u32 = 9;
 pub const SECTOR_SIZE: u64 = 1 << SECTOR_SHIFT;
 
@@ -59,7 +59,7 @@ pub enum RequestType {
 }
 
 impl RequestType {
-    fn from_u32(t: u32) -> Self {
+    pub fn from_u32(t: u32) -> Self {
         match t {
             VIRTIO_BLK_T_IN => Self::In,
             VIRTIO_BLK_T_OUT => Self::Out,

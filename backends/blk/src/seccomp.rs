@@ -51,6 +51,11 @@ pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
             "io_uring_enter",
             "io-uring engine: submit and reap on the pre-made, restricted rings",
         ),
+        allow(
+            SYS_timerfd_settime,
+            "timerfd_settime",
+            "I/O limits: arm the queue's pre-made timer for a bucket's refill",
+        ),
     ]);
     if kind == DiskKind::BlockDevice {
         r.push(allow_if(

@@ -56,11 +56,13 @@ pub struct QueueCounters {
     pub malformed: AtomicU64,
     /// Requests in the engine now.
     pub in_flight: AtomicU64,
+    /// Requests the I/O limits held back (each counted once, however long it waited).
+    pub throttled: AtomicU64,
     /// From taking a request off the avail ring to its status written (with --metrics).
     pub latency: Histogram<16>,
 }
 
-// SAFETY: repr(C), AtomicU64s only (33 of them), all-zero valid.
+// SAFETY: repr(C), AtomicU64s only (34 of them), all-zero valid.
 unsafe impl Counters for QueueCounters {}
 
 impl QueueCounters {
@@ -150,6 +152,13 @@ pub const METRICS: &[Def] = &[
         help: "Requests submitted to the engine and not completed yet.",
         kind: Kind::Gauge,
         word: word(offset_of!(QueueCounters, in_flight)),
+        labels: &[],
+    },
+    Def {
+        name: "blk_throttled_requests",
+        help: "Requests that waited for the I/O limits (--limit-*, set-limits), each counted once.",
+        kind: Kind::Counter,
+        word: word(offset_of!(QueueCounters, throttled)),
         labels: &[],
     },
     Def {
