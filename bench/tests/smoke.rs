@@ -71,6 +71,27 @@ fn blk_bench_reports_every_contender() {
     assert!(svg.starts_with("<svg") && svg.trim_end().ends_with("</svg>"));
 }
 
+/// VHOSTBOX_BENCH_LIMIT_IOPS adds a limited vhostbox, whose "vs limit" cell is against its
+/// own limit.
+#[test]
+fn blk_bench_can_measure_a_limited_device() {
+    let dir = tempfile::tempdir().unwrap();
+    let (ok, log) = bench(
+        dir.path(),
+        "null 4k randread QD32$",
+        Some(("VHOSTBOX_BENCH_LIMIT_IOPS", "2000")),
+    );
+    assert!(ok, "vhostbox-bench failed:\n{log}");
+    let md = std::fs::read_to_string(dir.path().join("results.md")).unwrap();
+    let row = md
+        .lines()
+        .find(|l| l.contains("| vhostbox io-uring --limit-iops 2000 |"))
+        .unwrap_or_else(|| panic!("no limited row:\n{md}"));
+    assert!(row.trim_end().ends_with("of 2000 |"), "{row}");
+    let iops: f64 = row.split('|').nth(4).unwrap().trim().parse().unwrap();
+    assert!(iops > 0.0, "{row}");
+}
+
 /// On the image, the same client without any backend is the limit row, and every row has its
 /// ratio against it.
 #[test]

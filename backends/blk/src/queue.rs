@@ -60,6 +60,10 @@ pub struct Shared {
 /// The longest a throttled queue sleeps before it looks again: a limit raised at run time
 /// takes effect within this even when the old one had the queue wait for seconds.
 const THROTTLE_RECHECK: Duration = Duration::from_millis(50);
+/// The shortest a throttled queue sleeps: the buckets then hold a batch when it wakes, rather
+/// than the one request a refill of a few microseconds pays for (a wake-up per request cost
+/// ~40 us of CPU per I/O at 20k IOPS; docs/benchmarks.md).
+const THROTTLE_MIN_WAIT: Duration = Duration::from_millis(1);
 
 /// A queue's one-shot wake-up for when its I/O limits allow the next request (a
 /// non-blocking timerfd, made before the jail; arming it is `timerfd_settime`).
@@ -512,7 +516,7 @@ impl BlkQueue {
                     // frontend that stops the ring meanwhile finds nothing taken.
                     queue.set_next_avail(queue.next_avail().wrapping_sub(1));
                     if let Some(t) = &self.timer {
-                        t.arm(wait.min(THROTTLE_RECHECK))?;
+                        t.arm(wait.clamp(THROTTLE_MIN_WAIT, THROTTLE_RECHECK))?;
                         self.held = true;
                     }
                     break;

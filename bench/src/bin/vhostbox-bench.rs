@@ -119,6 +119,8 @@ struct Contender {
     direct: bool,
     /// vhostbox with `--metrics` on (its counters in the shared page, latency timed).
     metrics: bool,
+    /// vhostbox with `--limit-iops` at this rate (and a burst of 1/100 s of it).
+    limit_iops: Option<u64>,
 }
 
 /// The direct contender's name in the reports.
@@ -135,6 +137,7 @@ fn contenders() -> Vec<Contender> {
         sync,
         direct: false,
         metrics: false,
+        limit_iops: None,
     };
     let mut v = vec![
         vb("vhostbox io-uring", &ours, false),
@@ -149,6 +152,7 @@ fn contenders() -> Vec<Contender> {
             sync: false,
             direct: false,
             metrics: false,
+            limit_iops: None,
         },
         Contender {
             name: LIMIT.into(),
@@ -156,8 +160,20 @@ fn contenders() -> Vec<Contender> {
             sync: false,
             direct: true,
             metrics: false,
+            limit_iops: None,
         },
     ];
+    // VHOSTBOX_BENCH_LIMIT_IOPS=N: also vhostbox with an IOPS limit of N, to see how closely
+    // it is held (its "vs limit" cell is then against N).
+    if let Some(n) = std::env::var("VHOSTBOX_BENCH_LIMIT_IOPS")
+        .ok()
+        .and_then(|v| v.parse::<u64>().ok())
+    {
+        v.push(Contender {
+            limit_iops: Some(n),
+            ..vb(&format!("vhostbox io-uring --limit-iops {n}"), &ours, false)
+        });
+    }
     if let Ok(base) = std::env::var("VHOSTBOX_BENCH_BASELINE") {
         v.push(vb("baseline io-uring", Path::new(&base), false));
         v.push(vb("baseline sync", Path::new(&base), true));
@@ -199,6 +215,10 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
             let m = sock.with_extension("metrics");
             let _ = fs::remove_file(&m);
             cmd.arg("--metrics").arg(format!("unix:{}", m.display()));
+        }
+        if let Some(n) = c.limit_iops {
+            let burst = (n / 100).max(1).to_string();
+            cmd.args(["--limit-iops", &n.to_string(), "--limit-iops-burst", &burst]);
         }
         match dev {
             Dev::Null => cmd.args(["--null", "1G"]),
@@ -560,7 +580,10 @@ fn main() {
             let ratio = |i: usize| p.map_or("—".to_string(), |p| format!("{:.2}x", m[i] / p[i]));
             let direct = contenders[ci].direct;
             let cpu = |s: String| if direct { "—".to_string() } else { s };
-            let vs_limit = lim.map_or("—".to_string(), |l| format!("{:.2}x", m[0] / l[0]));
+            let vs_limit = match contenders[ci].limit_iops {
+                Some(n) => format!("{:.3}x of {n}", m[0] / n as f64),
+                None => lim.map_or("—".to_string(), |l| format!("{:.2}x", m[0] / l[0])),
+            };
             let _ = writeln!(
                 md,
                 "| {} | {} | {} | {:.0} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} |",
