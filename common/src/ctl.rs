@@ -36,10 +36,15 @@ pub enum Command {
     Status,
     /// Every counter (the figures --metrics serves), as JSON.
     Stats,
-    /// Grow or shrink the disk the guest sees (vhostbox-blk).
+    /// Grow the disk the guest sees, while it runs (vhostbox-blk): the image file is grown to
+    /// SIZE, and the guest is told (VHOST_USER_BACKEND_CONFIG_CHANGE_MSG). Without SIZE, the
+    /// size of the file or block device is read again (after lvextend, losetup -c, ...).
     Resize {
         /// The new size in bytes, or with a K, M, G or T suffix.
-        size: String,
+        size: Option<String>,
+        /// Allow shrinking, which cuts off data the guest may use.
+        #[arg(long)]
+        force: bool,
     },
     /// Change I/O limits of the running device (vhostbox-blk). Limits not named keep their
     /// values; 0 removes one. Takes effect within 50 ms, without dropping a request.
@@ -86,7 +91,9 @@ pub fn request(c: &Command) -> Result<String, String> {
     let v = match c {
         Command::Status => json!({"command": "status"}),
         Command::Stats => json!({"command": "stats"}),
-        Command::Resize { size } => json!({"command": "resize", "size": size}),
+        Command::Resize { size, force } => {
+            json!({"command": "resize", "size": size, "force": force})
+        }
         Command::SetLimits {
             iops,
             read_iops,

@@ -143,6 +143,18 @@ pub trait Device: Sized {
     fn open(&self) -> Result<Self::Opened, Self::OpenError>;
 
     /// Blocks of counters in the metrics page: queues (blk), queue pairs (net).
+    /// `resize` on `--control`, in the supervisor: the new size in bytes (None: re-read the
+    /// backing's), whether shrinking is allowed; the old and new size. The workers are told
+    /// by the supervisor (see `sandbox::supervisor::on_config_change`).
+    fn resize(
+        &self,
+        _opened: &Self::Opened,
+        _size: Option<u64>,
+        _force: bool,
+    ) -> Result<(u64, u64), String> {
+        Err(format!("{} has no disk to resize", Self::NAME))
+    }
+
     /// The values of [`Self::SETTINGS`] the command line gave, in order.
     fn initial_settings(&self) -> Vec<u64> {
         Vec::new()
@@ -279,11 +291,20 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
     };
     // Only for syscall names in the supervisor's messages.
     let names = dev.seccomp(&opened, 1);
+    let resize: supervisor::ResizeFn<'_> = Box::new(|size, force| {
+        let (old, new) = dev.resize(&opened, size, force)?;
+        Ok(supervisor::Resized {
+            old,
+            new,
+            fsize: dev.limits(&opened).fsize,
+        })
+    });
     let service = supervisor::Service {
         name: D::NAME,
         defs: D::METRICS,
         queues: dev.metric_queues(),
         server,
+        resize: Some(resize),
     };
     let code = supervisor::supervise(&jail, &names, service, |ctx| {
         worker(dev, &opened, &jail, &listener, common, ctx)

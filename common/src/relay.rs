@@ -534,6 +534,14 @@ impl Checks {
                 Ok(())
             }
             Some(SET_LOG_BASE) => self.check_log(m),
+            Some(SET_BACKEND_REQ_FD) => {
+                let fd = m.fds.first().ok_or("no fd")?;
+                let st = fstat(fd).map_err(|e| e.to_string())?;
+                if st.st_mode & libc::S_IFMT != libc::S_IFSOCK {
+                    return Err(format!("the fd is not a socket (mode {:o})", st.st_mode));
+                }
+                Ok(())
+            }
             Some(SET_LOG_FD) => {
                 let fd = m.fds.first().ok_or("no fd")?;
                 check_eventfd(fd)
@@ -737,6 +745,12 @@ fn relay(
                     }
                     continue;
                 }
+                if m.request() == Some(FrontendReq::SET_BACKEND_REQ_FD) {
+                    // Kept to send CONFIG_CHANGE_MSG, which the vhost crate's backend channel
+                    // cannot send; the library gets the fd as well.
+                    let fd = m.fds.first().and_then(|f| f.try_clone().ok());
+                    *BACKEND_CHANNEL.lock().unwrap_or_else(|e| e.into_inner()) = fd;
+                }
                 record(&m);
                 write_msg(&backend, &m)?;
                 for e in early.after(&m) {
@@ -755,8 +769,42 @@ fn relay(
         debug!("relay ended: {e}");
     }
     metrics::set_conn(ConnWord::Connected, 0);
+    *BACKEND_CHANNEL.lock().unwrap_or_else(|e| e.into_inner()) = None;
     let _ = frontend.shutdown(std::net::Shutdown::Both);
     let _ = backend.shutdown(std::net::Shutdown::Both);
+}
+
+/// The frontend's backend channel (SET_BACKEND_REQ_FD, with VHOST_USER_PROTOCOL_F_BACKEND_REQ),
+/// while it is connected.
+static BACKEND_CHANNEL: std::sync::Mutex<Option<OwnedFd>> = std::sync::Mutex::new(None);
+
+/// VHOST_USER_BACKEND_CONFIG_CHANGE_MSG.
+const BACKEND_CONFIG_CHANGE_MSG: u32 = 2;
+/// The header's version bits (the only flags a request without NEED_REPLY carries).
+const VHOST_USER_VERSION: u32 = 1;
+
+/// Tells the frontend that the device's config space changed (blk: its capacity), on the
+/// backend channel: VHOST_USER_BACKEND_CONFIG_CHANGE_MSG, no payload, no reply asked for.
+/// QEMU then reads the config space again (GET_CONFIG) and interrupts the guest. Returns
+/// false when the frontend set up no channel.
+pub fn send_config_change() -> io::Result<bool> {
+    let g = BACKEND_CHANNEL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(fd) = g.as_ref() else {
+        return Ok(false);
+    };
+    let mut hdr = [0u8; 12];
+    hdr[0..4].copy_from_slice(&BACKEND_CONFIG_CHANGE_MSG.to_le_bytes());
+    hdr[4..8].copy_from_slice(&VHOST_USER_VERSION.to_le_bytes());
+    // SAFETY: writes our 12-byte buffer to the socket we hold.
+    let n = unsafe { libc::write(fd.as_raw_fd(), hdr.as_ptr().cast(), hdr.len()) };
+    if n != hdr.len() as isize {
+        return Err(if n < 0 {
+            io::Error::last_os_error()
+        } else {
+            io::Error::other("short write")
+        });
+    }
+    Ok(true)
 }
 
 /// Notes in the metrics page what the frontend set up (features, rings, memory), for the

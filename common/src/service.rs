@@ -201,6 +201,35 @@ pub fn snapshot(r: &Report, defs: &[metrics::Def]) -> metrics::Snapshot {
     s
 }
 
+/// `resize`'s arguments: `size` (bytes, or a string such as "10G"; absent: re-read the
+/// backing's size) and `force` (allow shrinking).
+fn resize_args(
+    name: &str,
+    args: &serde_json::Map<String, serde_json::Value>,
+) -> Result<(Option<u64>, bool), String> {
+    if name != "vhostbox-blk" {
+        return Err(format!("resize: {name} has no disk to resize"));
+    }
+    let size = match args.get("size") {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::Number(n)) => {
+            Some(n.as_u64().ok_or("resize: size: not a byte count")?)
+        }
+        Some(serde_json::Value::String(s)) => {
+            Some(crate::size::parse_size(s).map_err(|e| format!("resize: {e}"))?)
+        }
+        Some(_) => {
+            return Err("resize: size: a number of bytes or a string such as \"10G\"".into())
+        }
+    };
+    let force = match args.get("force") {
+        None => false,
+        Some(serde_json::Value::Bool(b)) => *b,
+        Some(_) => return Err("resize: force: true or false".into()),
+    };
+    Ok((size, force))
+}
+
 const COMMANDS: &str = "status, stats, resize, set-limits, upgrade, help";
 
 /// One control command.
@@ -245,23 +274,8 @@ pub fn command(
         }
         "stats" => Ok(serde_json::json!({ "metrics": snapshot(r, defs).json() })),
         "resize" => {
-            let size = args
-                .get("size")
-                .ok_or("resize needs \"size\" (bytes or 10G)")?;
-            let size = match size {
-                serde_json::Value::Number(n) => n.as_u64().ok_or("size: not a byte count")?,
-                serde_json::Value::String(s) => {
-                    crate::size::parse_size(s).map_err(|e| e.to_string())?
-                }
-                _ => return Err("size: a number of bytes or a string such as \"10G\"".into()),
-            };
-            if r.name != "vhostbox-blk" {
-                return Err(format!("resize: {} has no disk to resize", r.name));
-            }
-            Err(format!(
-                "resize to {size} bytes: not supported by this version (the device side, a \
-                 capacity change and the config-change message, is not implemented yet)"
-            ))
+            resize_args(r.name, args)?;
+            Err("resize: only the service process can ask the supervisor".into())
         }
         "set-limits" => {
             let s = crate::settings::Settings::get()
@@ -360,17 +374,32 @@ struct Remote {
 }
 
 impl Remote {
-    /// Asks the supervisor (5 s at most).
+    /// Asks the supervisor for its figures.
     fn report(&self) -> Result<Report, String> {
-        // SAFETY: sends a static buffer on our socket.
-        let n = unsafe {
-            libc::send(
-                self.chan,
-                REPORT_REQUEST.as_ptr().cast(),
-                REPORT_REQUEST.len(),
-                0,
-            )
-        };
+        let v = self.ask(REPORT_REQUEST)?;
+        Report::from_json(self.name, &v)
+            .ok_or_else(|| "the supervisor's report is incomplete".into())
+    }
+
+    /// Asks the supervisor to resize the device (it holds the image).
+    fn resize(&self, size: Option<u64>, force: bool) -> Result<serde_json::Value, String> {
+        let req = format!(
+            "{}{} {}",
+            crate::sandbox::supervisor::RESIZE_REQUEST,
+            size.map_or("-".to_string(), |n| n.to_string()),
+            u8::from(force)
+        );
+        let v = self.ask(req.as_bytes())?;
+        match v.get("error").and_then(|e| e.as_str()) {
+            Some(e) => Err(format!("resize: {e}")),
+            None => Ok(v),
+        }
+    }
+
+    /// One request to the supervisor and its JSON reply (5 s at most).
+    fn ask(&self, req: &[u8]) -> Result<serde_json::Value, String> {
+        // SAFETY: sends our buffer on our socket.
+        let n = unsafe { libc::send(self.chan, req.as_ptr().cast(), req.len(), 0) };
         if n < 0 {
             return Err("the supervisor is gone".into());
         }
@@ -389,10 +418,8 @@ impl Remote {
         if n <= 0 {
             return Err("the supervisor is gone".into());
         }
-        let v: serde_json::Value = serde_json::from_slice(&buf[..n as usize])
-            .map_err(|e| format!("the supervisor's report: {e}"))?;
-        Report::from_json(self.name, &v)
-            .ok_or_else(|| "the supervisor's report is incomplete".into())
+        serde_json::from_slice(&buf[..n as usize])
+            .map_err(|e| format!("the supervisor's reply: {e}"))
     }
 }
 
@@ -412,6 +439,10 @@ impl crate::control::Handler for Remote {
         command: &str,
         args: &serde_json::Map<String, serde_json::Value>,
     ) -> Result<serde_json::Value, String> {
+        if command == "resize" {
+            let (size, force) = resize_args(self.name, args)?;
+            return self.resize(size, force);
+        }
         let r = self.report()?;
         self::command(&r, self.defs, command, args)
     }

@@ -9,6 +9,7 @@ pub mod net_frontend;
 pub mod netns;
 pub mod openmetrics;
 
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
@@ -478,5 +479,108 @@ impl GuestRun {
             ctx.push_str(&format!("\n--- {name}\n{log}"));
         }
         (res, ctx)
+    }
+}
+
+/// A guest under QEMU, killed (the whole process group) when dropped.
+pub struct Vm {
+    pub child: Child,
+    pub results: PathBuf,
+    console: PathBuf,
+    stderr: PathBuf,
+}
+
+impl Vm {
+    /// Boots the guest with `script` as /test.sh (and `files`, as in [`GuestRun::new`]) and
+    /// `args` for scripts/run-guest.sh; returns at once.
+    pub fn start(
+        guest: &Path,
+        d: &Path,
+        script: &str,
+        files: &[(&Path, &str)],
+        args: &[&str],
+    ) -> Vm {
+        let path = d.join("test.sh");
+        std::fs::write(&path, script).unwrap();
+        let mut all: Vec<(&Path, &str)> = vec![(&path, "/test.sh")];
+        all.extend_from_slice(files);
+        let GuestRun {
+            mut cmd,
+            results,
+            console,
+        } = GuestRun::new(guest, d, &all);
+        let stderr = d.join("qemu.err");
+        let child = cmd
+            // No timeout wrapper: it would put QEMU in a process group of its own, out of
+            // reach of Drop. The test's own waits are bounded.
+            .args(["--timeout", "0"])
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&stderr).unwrap())
+            .process_group(0)
+            .spawn()
+            .unwrap();
+        Vm {
+            child,
+            results,
+            console,
+            stderr,
+        }
+    }
+
+    pub fn results(&self) -> String {
+        std::fs::read_to_string(&self.results).unwrap_or_default()
+    }
+
+    /// Waits for `needle` in the results; false after `secs` or when QEMU ended.
+    pub fn wait_result(&mut self, needle: &str, secs: u64) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if self.results().contains(needle) {
+                return true;
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return self.results().contains(needle);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        false
+    }
+
+    pub fn wait_exit(&mut self, secs: u64) -> Option<ExitStatus> {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return Some(st);
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        None
+    }
+
+    /// The results, the console's tail and the backend's log, for failure messages.
+    pub fn context(&self, backend: &Backend) -> String {
+        let con = std::fs::read_to_string(&self.console).unwrap_or_default();
+        let tail: Vec<&str> = con.lines().rev().take(50).collect();
+        let log = backend.log();
+        let log_tail: Vec<&str> = log.lines().rev().take(80).collect();
+        format!(
+            "--- run-guest.sh/QEMU stderr\n{}\n--- results\n{}\n--- console (tail)\n{}\n--- backend log (tail)\n{}",
+            std::fs::read_to_string(&self.stderr).unwrap_or_default(),
+            self.results(),
+            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+            log_tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
+        )
+    }
+}
+
+impl Drop for Vm {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill() on the process group the child leads.
+            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
+            let _ = self.child.wait();
+        }
     }
 }

@@ -326,9 +326,13 @@ fn hostile_control_clients_get_errors_and_change_nothing() {
     assert!(e(ask(&mut c, br#"{"command":5}"#)).contains("\"command\""));
     assert!(e(ask(&mut c, br#"{"command":"reboot"}"#)).contains("unknown command 'reboot'"));
     assert!(e(ask(&mut c, &[0xff, 0xfe, b'{'])).contains("not JSON"));
-    assert!(e(ask(&mut c, br#"{"command":"resize"}"#)).contains("needs \"size\""));
     assert!(e(ask(&mut c, br#"{"command":"resize","size":"12Q"}"#)).contains("12Q"));
-    assert!(e(ask(&mut c, br#"{"command":"resize","size":1073741824}"#)).contains("not supported"));
+    assert!(
+        e(ask(&mut c, br#"{"command":"resize","size":1000}"#)).contains("not a positive multiple")
+    );
+    assert!(e(ask(&mut c, br#"{"command":"resize","size":4096}"#)).contains("refused unless"));
+    assert!(e(ask(&mut c, br#"{"command":"resize","size":[1]}"#)).contains("a number of bytes"));
+    assert!(e(ask(&mut c, br#"{"command":"resize","force":"yes"}"#)).contains("force"));
     // The same connection still works after all that.
     let st = ask(&mut c, br#"{"command":"status"}"#);
     assert_eq!(st["ok"], true, "{st}");

@@ -19,15 +19,12 @@
 use std::fs;
 use std::net::TcpListener;
 use std::os::unix::fs::FileExt;
-use std::os::unix::process::CommandExt;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::path::Path;
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use vhostbox_tests::netns::NetNs;
-use vhostbox_tests::{
-    blk_args, guest_dir, repo, result_value, sparse_image, Backend, GuestRun, SmallFs,
-};
+use vhostbox_tests::{blk_args, guest_dir, repo, result_value, sparse_image, Backend, SmallFs, Vm};
 
 const RECONNECT_MS: &str = "200";
 const KILLS: usize = 20;
@@ -37,98 +34,11 @@ const AREA_MB: u64 = 64;
 const STOP_BLOCK: u64 = 18432;
 const DISK_MB: u64 = 80;
 
-/// A guest under QEMU, killed (the whole process group) when dropped.
-struct Vm {
-    child: Child,
-    results: PathBuf,
-    console: PathBuf,
-    stderr: PathBuf,
-}
-
-impl Vm {
-    fn start(guest: &Path, d: &Path, script: &str, args: &[&str]) -> Vm {
-        let path = d.join("test.sh");
-        fs::write(&path, script).unwrap();
-        let GuestRun {
-            mut cmd,
-            results,
-            console,
-        } = GuestRun::new(guest, d, &[(&path, "/test.sh")]);
-        let stderr = d.join("qemu.err");
-        let child = cmd
-            .args(["--reconnect-ms", RECONNECT_MS, "--cpus", "2"])
-            // No timeout wrapper: it would put QEMU in a process group of its own, out of
-            // reach of Drop. The test's own waits are bounded.
-            .args(["--timeout", "0"])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(fs::File::create(&stderr).unwrap())
-            .process_group(0)
-            .spawn()
-            .unwrap();
-        Vm {
-            child,
-            results,
-            console,
-            stderr,
-        }
-    }
-
-    fn results(&self) -> String {
-        fs::read_to_string(&self.results).unwrap_or_default()
-    }
-
-    /// Waits for `needle` in the results; false after `secs` or when QEMU ended.
-    fn wait_result(&mut self, needle: &str, secs: u64) -> bool {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if self.results().contains(needle) {
-                return true;
-            }
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return self.results().contains(needle);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        false
-    }
-
-    fn wait_exit(&mut self, secs: u64) -> Option<ExitStatus> {
-        let deadline = Instant::now() + Duration::from_secs(secs);
-        while Instant::now() < deadline {
-            if let Ok(Some(st)) = self.child.try_wait() {
-                return Some(st);
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        None
-    }
-
-    /// The results, the console's tail and the backend's log, for failure messages.
-    fn context(&self, backend: &Backend) -> String {
-        let con = fs::read_to_string(&self.console).unwrap_or_default();
-        let tail: Vec<&str> = con.lines().rev().take(50).collect();
-        let log = backend.log();
-        let log_tail: Vec<&str> = log.lines().rev().take(80).collect();
-        format!(
-            "--- run-guest.sh/QEMU stderr\n{}\n--- results\n{}\n--- console (tail)\n{}\n--- backend log (tail)\n{}",
-            fs::read_to_string(&self.stderr).unwrap_or_default(),
-            self.results(),
-            tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-            log_tail.into_iter().rev().collect::<Vec<_>>().join("\n"),
-        )
-    }
-}
-
-impl Drop for Vm {
-    fn drop(&mut self) {
-        if let Ok(None) = self.child.try_wait() {
-            // SAFETY: kill() on the process group the child leads.
-            unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
-            let _ = self.child.wait();
-        }
-    }
+/// A guest with `reconnect-ms` on its sockets and two vCPUs.
+fn start_vm(guest: &Path, d: &Path, script: &str, args: &[&str]) -> Vm {
+    let mut all = vec!["--reconnect-ms", RECONNECT_MS, "--cpus", "2"];
+    all.extend_from_slice(args);
+    Vm::start(guest, d, script, &[], &all)
 }
 
 /// A small xorshift generator: random moments without a dependency, seeded from the clock (the
@@ -232,7 +142,7 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
     let mut args = blk_args(&sock, &img, &["--num-queues", "2"]);
     args.extend_from_slice(extra);
     let mut backend = Backend::start_exe(exe, &sock, &args);
-    let mut vm = Vm::start(
+    let mut vm = start_vm(
         &guest,
         d,
         &blk_guest_script(),
@@ -398,7 +308,7 @@ fn vm_net_link_comes_back_after_each_of_5_worker_kills() {
          if ping -c 3 -W 5 {HOST_IP} >/dev/null; then r final-ping ok; else r final-ping fail; fi\n\
          r done\n"
     );
-    let mut vm = Vm::start(&guest, d, &script, &["--net", sock.to_str().unwrap()]);
+    let mut vm = start_vm(&guest, d, &script, &["--net", sock.to_str().unwrap()]);
     assert!(
         vm.wait_result("RESULT start", 120),
         "the guest did not start\n{}",
@@ -495,7 +405,7 @@ fn vm_blk_full_backing_store_fails_writes_then_recovers() {
          r sha $got\n\
          r done\n"
     );
-    let mut vm = Vm::start(
+    let mut vm = start_vm(
         &guest,
         d,
         &script,

@@ -9,6 +9,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 /// Errors while opening the backing store.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,34 @@ pub enum DiskError {
     Lock(#[from] crate::lock::LockError),
 }
 
+/// The largest size `resize` sets (1 PiB).
+pub const MAX_DISK_BYTES: u64 = 1 << 50;
+
+/// Why a resize was refused (nothing changed).
+#[derive(Debug, thiserror::Error)]
+pub enum ResizeError {
+    #[error(
+        "a block device's size is its own: grow the device (lvextend, losetup -c, ...), then \
+         resize with no size to take up the new one"
+    )]
+    BlockDeviceSize,
+    #[error("the null device has no backing to re-read: give a size")]
+    NullReread,
+    #[error("the device is read-only: its image is not resized (to {0} bytes)")]
+    ReadOnly(u64),
+    #[error("{0} bytes is not a positive multiple of the logical block size {1}")]
+    Unaligned(u64, u32),
+    #[error("{0} bytes is more than the largest size, {MAX_DISK_BYTES}")]
+    TooLarge(u64),
+    #[error(
+        "shrinking from {old} to {new} bytes cuts off data the guest may use: refused unless \
+         forced"
+    )]
+    Shrink { old: u64, new: u64 },
+    #[error("cannot resize the image")]
+    Io(#[source] io::Error),
+}
+
 /// What kind of backing store it is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DiskKind {
@@ -62,8 +91,8 @@ pub struct Topology {
 pub struct Disk {
     file: Option<File>,
     pub kind: DiskKind,
-    /// Size in bytes (a multiple of `block_size`).
-    pub size: u64,
+    /// Size in bytes (a multiple of `block_size`); changes with `resize`.
+    size: AtomicU64,
     pub block_size: u32,
     pub topology: Topology,
     pub readonly: bool,
@@ -221,7 +250,7 @@ impl Disk {
         Ok(Self {
             file: Some(file),
             kind,
-            size,
+            size: AtomicU64::new(size),
             block_size,
             topology,
             readonly,
@@ -236,7 +265,7 @@ impl Disk {
         Ok(Self {
             file: None,
             kind: DiskKind::Null,
-            size,
+            size: AtomicU64::new(size),
             block_size,
             topology: Topology {
                 physical_block_exp: 0,
@@ -258,9 +287,60 @@ impl Disk {
         self.file.as_ref().map(|f| f.as_raw_fd())
     }
 
+    /// Capacity in bytes.
+    pub fn size(&self) -> u64 {
+        self.size.load(Ordering::Relaxed)
+    }
+
     /// Capacity in 512-byte sectors.
     pub fn sectors(&self) -> u64 {
-        self.size >> 9
+        self.size() >> 9
+    }
+
+    /// The worker's side of a resize the supervisor made: the capacity it checks requests
+    /// against and reports in the config space.
+    pub fn set_size(&self, size: u64) {
+        self.size.store(size, Ordering::Relaxed);
+    }
+
+    /// The supervisor's side of `resize`: `want` is the new size (the image file is grown or
+    /// cut to it, the null device takes it), or None to take up a size that changed under
+    /// the device (a grown block device or file). Shrinking cuts off data the guest may use
+    /// and is refused unless `force`. Returns the old and the new size.
+    pub fn resize(&self, want: Option<u64>, force: bool) -> Result<(u64, u64), ResizeError> {
+        let old = self.size();
+        let bs = u64::from(self.block_size);
+        let new = match (self.kind, want) {
+            (DiskKind::BlockDevice, Some(_)) => return Err(ResizeError::BlockDeviceSize),
+            (DiskKind::Null, None) => return Err(ResizeError::NullReread),
+            (_, Some(n)) if self.readonly => return Err(ResizeError::ReadOnly(n)),
+            (_, Some(n)) => n,
+            (DiskKind::BlockDevice, None) => {
+                let fd = self.fd().ok_or(ResizeError::NullReread)?;
+                block_device_geometry(fd).map_err(ResizeError::Io)?.0
+            }
+            (_, None) => self
+                .file
+                .as_ref()
+                .ok_or(ResizeError::NullReread)?
+                .metadata()
+                .map_err(ResizeError::Io)?
+                .len(),
+        };
+        if new == 0 || !new.is_multiple_of(bs) {
+            return Err(ResizeError::Unaligned(new, self.block_size));
+        }
+        if new > MAX_DISK_BYTES {
+            return Err(ResizeError::TooLarge(new));
+        }
+        if want.is_some() && new < old && !force {
+            return Err(ResizeError::Shrink { old, new });
+        }
+        if let (Some(f), Some(n), DiskKind::File) = (&self.file, want, self.kind) {
+            f.set_len(n).map_err(ResizeError::Io)?;
+        }
+        self.set_size(new);
+        Ok((old, new))
     }
 
     /// Makes data written so far durable.
@@ -373,7 +453,7 @@ mod tests {
         let f = image(1 << 20, 0);
         let d = Disk::open(f.path(), false, false, None).unwrap();
         assert_eq!(d.kind, DiskKind::File);
-        assert_eq!(d.size, 1 << 20);
+        assert_eq!(d.size(), 1 << 20);
         assert_eq!(d.sectors(), 2048);
         assert_eq!(d.block_size, 512);
         assert!(d.topology.physical_block_exp <= 7);

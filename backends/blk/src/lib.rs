@@ -98,7 +98,7 @@ impl launch::Device for Blk {
                 Backing::Image(p) => format!("image {}", p.display()),
                 Backing::Null(_) => "null device".to_string(),
             },
-            disk.size,
+            disk.size(),
             disk.sectors(),
             disk.block_size,
             cfg.num_queues,
@@ -113,6 +113,18 @@ impl launch::Device for Blk {
             stats: Default::default(),
             throttle: throttle::Throttle::new(&cfg.limits),
         }))
+    }
+
+    fn resize(
+        &self,
+        shared: &Arc<Shared>,
+        size: Option<u64>,
+        force: bool,
+    ) -> Result<(u64, u64), String> {
+        shared
+            .disk
+            .resize(size, force)
+            .map_err(|e| vhostbox_common::error_chain(&e))
     }
 
     fn initial_settings(&self) -> Vec<u64> {
@@ -135,7 +147,7 @@ impl launch::Device for Blk {
             // fails the request (the guest would see IOERR). io-wq starts at most 4 per CPU
             // per ring for bounded work.
             nproc: 8 + nq * (1 + 4 * ncpus()),
-            fsize: shared.disk.size.max(64 << 20),
+            fsize: shared.disk.size().max(64 << 20),
         }
     }
 
@@ -197,6 +209,26 @@ impl launch::Device for Blk {
             queue_size: cfg.queue_size,
         };
         let backend = Arc::new(BlkBackend::new(shared.clone(), dev_cfg, queues));
+        // A resize the supervisor made: the capacity requests are checked against and the
+        // config space reports, then the frontend is told.
+        let sh = shared.clone();
+        vhostbox_common::sandbox::supervisor::on_config_change(Box::new(move |size| {
+            let old = sh.disk.size();
+            sh.disk.set_size(size);
+            match vhostbox_common::relay::send_config_change() {
+                Ok(true) => log::info!(
+                    "capacity {old} -> {size} bytes; the frontend was told (CONFIG_CHANGE_MSG)"
+                ),
+                Ok(false) => log::warn!(
+                    "capacity {old} -> {size} bytes; the frontend set up no backend channel \
+                     (VHOST_USER_PROTOCOL_F_BACKEND_REQ): the guest sees the new size when it \
+                     reads the config space again (a reconnect, a reboot)"
+                ),
+                Err(e) => {
+                    log::warn!("capacity {old} -> {size} bytes; telling the frontend failed: {e}")
+                }
+            }
+        }));
         let mut conn = Connection::new(backend.clone());
         conn.fds = fds;
         conn.watch = watch;

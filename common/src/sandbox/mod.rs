@@ -298,9 +298,18 @@ pub fn close_other_fds(keep: &[RawFd]) -> Result<(), JailError> {
 }
 
 fn set_rlimit(res: libc::__rlimit_resource_t, v: u64, what: &'static str) -> Result<(), JailError> {
+    set_rlimits(res, v, v, what)
+}
+
+fn set_rlimits(
+    res: libc::__rlimit_resource_t,
+    soft: u64,
+    hard: u64,
+    what: &'static str,
+) -> Result<(), JailError> {
     let lim = libc::rlimit {
-        rlim_cur: v,
-        rlim_max: v,
+        rlim_cur: soft,
+        rlim_max: hard,
     };
     // SAFETY: setrlimit reads the struct we pass.
     step(what, unsafe { libc::setrlimit(res, &lim) } as libc::c_long)
@@ -367,6 +376,10 @@ fn capset(keep: u64) -> Result<(), JailError> {
 /// has no user namespace of its own, needs before it drops everything (SYS_CHROOT, SETPCAP,
 /// SETUID, SETGID).
 const SUPERVISOR_CAPS: &[u32] = &[5, 6, 7, 8, 18]; // KILL SETGID SETUID SETPCAP SYS_CHROOT
+
+/// RLIMIT_FSIZE for workers started from now on, when a resize raised it above
+/// [`JailConfig::fsize`] (set in the supervisor; forks inherit it).
+pub static FSIZE: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Narrows a privileged supervisor to what its job needs, after it opened the listener and the
 /// image: every other capability leaves the bounding, permitted and effective
@@ -654,7 +667,19 @@ pub fn enter(cfg: &JailConfig, keep: &[RawFd], rules: seccomp::Rules) -> Result<
         set_rlimit(libc::RLIMIT_NPROC, cfg.nproc, "RLIMIT_NPROC")?;
     }
     if !layer_removed("rlimit-fsize") {
-        set_rlimit(libc::RLIMIT_FSIZE, cfg.fsize, "RLIMIT_FSIZE")?;
+        // The soft limit is the one enforced; the hard one is left open so that the
+        // supervisor can move the soft one when the disk is resized (prlimit on its child,
+        // which needs no capability below the hard limit). The worker itself cannot: its
+        // seccomp list has neither setrlimit nor prlimit64.
+        let soft = cfg
+            .fsize
+            .max(FSIZE.load(std::sync::atomic::Ordering::Relaxed));
+        set_rlimits(
+            libc::RLIMIT_FSIZE,
+            soft,
+            libc::RLIM_INFINITY,
+            "RLIMIT_FSIZE",
+        )?;
     }
     // A write past RLIMIT_FSIZE then fails with EFBIG (the guest gets IOERR) instead of killing
     // the worker with SIGXFSZ.

@@ -69,6 +69,16 @@ pub fn transport_rules(own_pid: u32) -> Rules {
         allow(SYS_writev, "writev", "log lines on stderr"),
         allow(SYS_recvmsg, "recvmsg", "vhost-user messages and the fds they carry"),
         allow(SYS_sendmsg, "sendmsg", "vhost-user replies"),
+        allow_if(
+            SYS_getsockopt,
+            "getsockopt",
+            "SOL_SOCKET SO_DOMAIN and SO_TYPE only: vhost checks the backend channel \
+             (SET_BACKEND_REQ_FD) is a unix stream socket",
+            vec![
+                vec![Arg::Eq(1, SOL_SOCKET as u64), Arg::Eq(2, SO_DOMAIN as u64)],
+                vec![Arg::Eq(1, SOL_SOCKET as u64), Arg::Eq(2, SO_TYPE as u64)],
+            ],
+        ),
         allow(SYS_accept4, "accept4", "the one frontend connection, on the inherited listener"),
         allow(SYS_accept, "accept", "the same, on libcs that use accept"),
         allow(SYS_shutdown, "shutdown", "closing the connection on SIGTERM"),

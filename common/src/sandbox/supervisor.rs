@@ -253,14 +253,29 @@ pub fn report_ready() {
     }
 }
 
+/// The supervisor tells the worker the device's new capacity: `CONFIG <bytes>`.
+const CONFIG: &str = "CONFIG ";
+
+/// What a worker does when the supervisor resized its device (blk: take up the capacity and
+/// send the frontend VHOST_USER_BACKEND_CONFIG_CHANGE_MSG).
+type ConfigHook = Box<dyn Fn(u64) + Send + Sync>;
+static CONFIG_HOOK: std::sync::Mutex<Option<ConfigHook>> = std::sync::Mutex::new(None);
+
+/// Sets what this worker does on a `CONFIG` message from the supervisor (run on the heartbeat
+/// thread, under its seccomp list: it may write to sockets it holds, nothing more).
+pub fn on_config_change(hook: ConfigHook) {
+    *CONFIG_HOOK.lock().unwrap_or_else(|e| e.into_inner()) = Some(hook);
+}
+
 /// The worker's side of the heartbeat: answers each ping of the supervisor on the report
-/// socket, forever (a thread of its own). Returns when the socket is gone.
+/// socket, forever (a thread of its own), and takes up capacity changes (`CONFIG`). Returns
+/// when the socket is gone.
 pub fn answer_heartbeats() {
     let fd = seccomp::report_fd();
     if fd < 0 {
         return;
     }
-    let mut b = [0u8; 16];
+    let mut b = [0u8; 64];
     loop {
         // SAFETY: reads into a local buffer of the size given.
         let n = unsafe { libc::read(fd, b.as_mut_ptr().cast(), b.len()) };
@@ -270,9 +285,22 @@ pub fn answer_heartbeats() {
         if n <= 0 {
             return;
         }
-        if &b[..n as usize] == PING {
+        let msg = &b[..n as usize];
+        if msg == PING {
             // SAFETY: writes a static string to the report socket.
             unsafe { libc::write(fd, PONG.as_ptr().cast(), PONG.len()) };
+        } else if let Some(size) = std::str::from_utf8(msg)
+            .ok()
+            .and_then(|m| m.trim_end().strip_prefix(CONFIG))
+            .and_then(|v| v.parse::<u64>().ok())
+        {
+            if let Some(h) = CONFIG_HOOK
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .as_ref()
+            {
+                h(size);
+            }
         }
     }
 }
@@ -288,8 +316,24 @@ pub fn report_serving() {
     }
 }
 
+/// A resize the device made (`resize` on `--control`): the old and new size in bytes, and
+/// the RLIMIT_FSIZE its workers get from now on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Resized {
+    pub old: u64,
+    pub new: u64,
+    pub fsize: u64,
+}
+
+/// The device's resize, run by the supervisor: the new size (None: re-read it) and whether
+/// shrinking is allowed.
+pub type ResizeFn<'a> = Box<dyn Fn(Option<u64>, bool) -> Result<Resized, String> + 'a>;
+
+/// The service process asks the supervisor to resize: `RESIZE <bytes or -> <force 0|1>`.
+pub const RESIZE_REQUEST: &str = "RESIZE ";
+
 /// What the supervisor serves about its device on `--metrics` and `--control`.
-pub struct Service {
+pub struct Service<'a> {
     /// The program's name.
     pub name: &'static str,
     /// The device's per-queue series (in [`crate::metrics::Page`]).
@@ -298,6 +342,8 @@ pub struct Service {
     pub queues: usize,
     /// The endpoints, if any were asked for.
     pub server: Option<crate::control::Server>,
+    /// The device's resize, if it has one.
+    pub resize: Option<ResizeFn<'a>>,
 }
 
 /// Runs the supervisor until SIGTERM, SIGINT or SIGHUP. `worker` runs in each forked, not yet
@@ -306,7 +352,7 @@ pub struct Service {
 pub fn supervise(
     jail: &JailConfig,
     rules: &Rules,
-    service: Service,
+    service: Service<'_>,
     mut worker: impl FnMut(WorkerCtx) -> i32,
 ) -> i32 {
     lift_memlock_for_rings();
@@ -365,7 +411,7 @@ struct Supervisor<'a> {
     restarts: u64,
     watchdog: Option<Watchdog>,
     /// What `--metrics` and `--control` serve.
-    service: Service,
+    service: Service<'a>,
     /// Counters only the supervisor sees.
     facts: Facts,
     /// When the next worker may start (after a worker that died on its way up).
@@ -409,7 +455,7 @@ impl<'a> Supervisor<'a> {
     fn new(
         jail: &'a JailConfig,
         rules: &'a Rules,
-        service: Service,
+        service: Service<'a>,
     ) -> Result<Self, SupervisorError> {
         let sigs = sigset(&[libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGCHLD]);
         // SAFETY: sigprocmask with a valid set.
@@ -1091,7 +1137,14 @@ impl Supervisor<'_> {
                 return;
             }
             let msg = &b[..n as usize];
-            if msg == crate::service::REPORT_REQUEST {
+            if let Some(req) = std::str::from_utf8(msg)
+                .ok()
+                .and_then(|m| m.strip_prefix(RESIZE_REQUEST))
+            {
+                let reply = self.resize(req).to_string();
+                // SAFETY: sends our buffer on our socket (one datagram; non-blocking).
+                unsafe { libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_DONTWAIT) };
+            } else if msg == crate::service::REPORT_REQUEST {
                 let reply = self.report().to_json().to_string();
                 // SAFETY: sends our buffer on our socket (one datagram; non-blocking).
                 unsafe { libc::send(fd, reply.as_ptr().cast(), reply.len(), libc::MSG_DONTWAIT) };
@@ -1107,6 +1160,62 @@ impl Supervisor<'_> {
                 );
             }
         }
+    }
+
+    /// A resize the service process asked for: the device resizes (the supervisor holds the
+    /// image), workers from now on get the new file-size limit, and the current one is told
+    /// (its limit raised, then `CONFIG <bytes>` to take up the capacity and tell its frontend).
+    fn resize(&mut self, req: &str) -> serde_json::Value {
+        let mut it = req.split_whitespace();
+        let size = match it.next() {
+            Some("-") => None,
+            Some(v) => match v.parse::<u64>() {
+                Ok(n) => Some(n),
+                Err(_) => return serde_json::json!({"error": "bad size"}),
+            },
+            None => return serde_json::json!({"error": "no size"}),
+        };
+        let force = it.next() == Some("1");
+        let Some(f) = self.service.resize.as_ref() else {
+            return serde_json::json!({"error": "this device has no disk to resize"});
+        };
+        let r = match f(size, force) {
+            Ok(r) => r,
+            Err(e) => {
+                warn!("resize refused: {e}");
+                return serde_json::json!({ "error": e });
+            }
+        };
+        info!("resized from {} to {} bytes", r.old, r.new);
+        super::FSIZE.store(r.fsize, std::sync::atomic::Ordering::Relaxed);
+        let mut worker = serde_json::Value::Null;
+        if let Some(c) = &self.child {
+            let lim = libc::rlimit {
+                rlim_cur: r.fsize,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: prlimit on our own child with a valid struct; no old value asked for.
+            let raised =
+                unsafe { libc::prlimit(c.pid, libc::RLIMIT_FSIZE, &lim, std::ptr::null_mut()) }
+                    == 0;
+            if !raised {
+                warn!(
+                    "worker {}: cannot raise its file-size limit to {} bytes ({}): its writes \
+                     past the old size fail until the next worker",
+                    c.pid,
+                    r.fsize,
+                    io::Error::last_os_error()
+                );
+            }
+            let msg = format!("{CONFIG}{}\n", r.new);
+            // SAFETY: writes our buffer to our report socket (non-blocking).
+            let told =
+                unsafe { libc::write(self.report_r.as_raw_fd(), msg.as_ptr().cast(), msg.len()) }
+                    == msg.len() as isize;
+            worker =
+                serde_json::json!({"pid": c.pid, "told": told, "file_size_limit_raised": raised});
+        }
+        serde_json::json!({ "old": r.old, "new": r.new, "worker": worker })
     }
 
     /// Ends the service process (at the supervisor's exit).
