@@ -23,6 +23,7 @@ thread_local! {
         let blk = Blk {
             cfg: Config {
                 backing: Backing::Null(1 << 20),
+                format: None,
                 readonly: false,
                 num_queues: 2,
                 queue_size: 64,

@@ -584,3 +584,62 @@ impl Drop for Vm {
         }
     }
 }
+
+/// Runs `qemu-img args...` in `dir`; panics with its output unless it succeeds, returns its
+/// stdout.
+pub fn qemu_img(dir: &Path, args: &[&str]) -> String {
+    let o = Command::new("qemu-img")
+        .current_dir(dir)
+        .args(args)
+        .output()
+        .expect("qemu-img");
+    assert!(
+        o.status.success(),
+        "qemu-img {args:?}: {}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+/// `qemu-img create` of the qcow2 image `name` in `dir` over `backing` (of `format`), named
+/// relative to `dir` as qemu-img writes it into the header.
+pub fn qcow2_overlay(dir: &Path, backing: &str, format: &str, name: &str) {
+    qemu_img(
+        dir,
+        &[
+            "create", "-q", "-f", "qcow2", "-b", backing, "-F", format, name,
+        ],
+    );
+}
+
+/// The sha256 of `bytes`, in hex (by sha256sum, as the guest computes it).
+pub fn sha256_hex(bytes: &[u8]) -> String {
+    let mut c = Command::new("sha256sum")
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sha256sum");
+    std::io::Write::write_all(&mut c.stdin.take().unwrap(), bytes).unwrap();
+    let out = c.wait_with_output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .next()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// What QEMU's own code reads from the qcow2 image `name` in `dir`: `qemu-img check` must find
+/// no errors, then `qemu-img convert` to raw gives the disk's bytes.
+pub fn qcow2_contents(dir: &Path, name: &str) -> Vec<u8> {
+    let check = qemu_img(dir, &["check", name]);
+    assert!(
+        check.contains("No errors were found"),
+        "qemu-img check {name}: {check}"
+    );
+    let out = format!("{name}.converted.raw");
+    qemu_img(dir, &["convert", "-f", "qcow2", "-O", "raw", name, &out]);
+    let bytes = std::fs::read(dir.join(&out)).unwrap();
+    std::fs::remove_file(dir.join(&out)).unwrap();
+    bytes
+}

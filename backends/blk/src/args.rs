@@ -14,8 +14,8 @@ pub const DEFAULT_POLL_MAX_US: u32 = 50;
 /// cloud-hypervisor, or any vhost-user frontend) over a unix socket. The guest uses its stock
 /// virtio_blk driver; the device model runs here, in its own small process, not in the VMM.
 ///
-/// The backing store is a raw image file, a host block device, or (--null) a device that
-/// reads zeros and drops writes, for benchmarks. The socket is bound (or taken with --fd) and
+/// The backing store is a raw or qcow2 image file (qcow2 with its backing chain), a host
+/// block device, or (--null) a device that reads zeros and drops writes, for benchmarks. The socket is bound (or taken with --fd) and
 /// the image opened once at start-up; frontends are then served one after another on the same
 /// listener: when a frontend disconnects, its state is dropped and the next one is accepted.
 /// SIGTERM or SIGINT shut down cleanly and remove the socket.
@@ -49,7 +49,7 @@ pub struct Args {
     #[command(flatten)]
     pub common: CommonArgs,
 
-    /// Raw disk image file or host block device to serve.
+    /// Disk image file (raw or qcow2) or host block device to serve.
     #[arg(
         long,
         value_name = "PATH",
@@ -58,6 +58,13 @@ pub struct Args {
         conflicts_with = "null"
     )]
     pub image: Option<PathBuf>,
+
+    /// The image's format: raw or qcow2 (a qcow2 image's backing chain is followed and
+    /// opened read-only). Default: probed from its header; a probed qcow2 image may not name
+    /// a backing file, and a format other than raw or qcow2 is refused. When given, the
+    /// image must be of that format.
+    #[arg(long, value_name = "raw|qcow2", conflicts_with = "null")]
+    pub format: Option<String>,
 
     /// Serve a null device of SIZE bytes instead of an image: reads return zeros, writes are
     /// dropped. SIZE takes K, M, G or T suffixes. For benchmarks.

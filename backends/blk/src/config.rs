@@ -23,6 +23,8 @@ pub enum Backing {
 #[derive(Debug, Clone)]
 pub struct Config {
     pub backing: Backing,
+    /// `--format`: None to probe.
+    pub format: Option<crate::image::Format>,
     pub readonly: bool,
     pub num_queues: u16,
     pub queue_size: u16,
@@ -64,6 +66,8 @@ pub enum ConfigError {
     BlockSize(u32),
     #[error(transparent)]
     Engine(#[from] crate::engine::EngineKindError),
+    #[error("--format: {0}")]
+    Format(#[from] crate::image::FormatError),
     #[error("--poll-max-us {0} is out of range 0-{MAX_POLL_US}")]
     PollMax(u32),
     #[error("--{0}")]
@@ -121,8 +125,10 @@ impl TryFrom<Args> for (CommonConfig, Config) {
                 return Err(ConfigError::LimitRange(d.name, *v));
             }
         }
+        let format = a.format.map(|f| f.parse()).transpose()?;
         let cfg = Config {
             backing,
+            format,
             readonly: a.readonly,
             num_queues,
             queue_size,
@@ -163,6 +169,9 @@ mod tests {
         assert!(c.writeback);
         assert_eq!(c.serial, [0; 20]);
         assert_eq!(c.limits, [0; 8]);
+        assert_eq!(c.format, None);
+        let c = parse(&["--socket-path", "/s", "--image", "/i", "--format", "qcow2"]).unwrap();
+        assert_eq!(c.format, Some(crate::image::Format::Qcow2));
     }
 
     #[test]
@@ -216,6 +225,8 @@ mod tests {
             &["--limit-bps", "10Q"],
             &["--limit-read-bps", "2000000T"],
             &["--limit-iops-burst", "x"],
+            &["--format", "vmdk"],
+            &["--format", "QCOW2"],
         ] {
             let mut v = base.to_vec();
             v.extend_from_slice(extra);
@@ -226,5 +237,6 @@ mod tests {
         assert!(parse(&["--socket-path", "/s", "--fd", "3", "--null", "1G"]).is_err());
         assert!(parse(&["--socket-path", "/s", "--image", "/i", "--null", "1G"]).is_err());
         assert!(parse(&["--socket-path", "/s", "--null", "1Q"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--null", "1G", "--format", "raw"]).is_err());
     }
 }

@@ -10,6 +10,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
+
+use crate::image::{Chain, Format, Image, ImageError, Layer};
 
 /// Errors while opening the backing store.
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +39,8 @@ pub enum DiskError {
     NullSize(u64, u32),
     #[error(transparent)]
     Lock(#[from] crate::lock::LockError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
 }
 
 /// The largest size `resize` sets (1 PiB).
@@ -64,6 +69,8 @@ pub enum ResizeError {
     Shrink { old: u64, new: u64 },
     #[error("cannot resize the image")]
     Io(#[source] io::Error),
+    #[error("resizing a qcow2 image is not supported yet (stop the device, qemu-img resize)")]
+    Qcow2,
 }
 
 /// What kind of backing store it is.
@@ -96,6 +103,15 @@ pub struct Disk {
     pub block_size: u32,
     pub topology: Topology,
     pub readonly: bool,
+    /// The format of `file`: qcow2 images are served through [`Image`].
+    pub format: Format,
+    /// The image's path (qcow2: for imago's messages) and whether it is opened O_DIRECT.
+    path: Option<PathBuf>,
+    direct: bool,
+    /// A qcow2 image's backing chain, nearest first (opened and locked by the supervisor).
+    below: Vec<Layer>,
+    /// The worker's open qcow2 chain ([`Disk::open_format`]); None for raw images.
+    image: OnceLock<Arc<Image>>,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -186,13 +202,39 @@ fn log2(v: u32) -> u8 {
 }
 
 impl Disk {
-    /// Opens an image file or block device. `block_size` is the logical block size to expose
-    /// (None: the device's own for block devices, 512 for files).
+    /// Opens a raw image file or block device (no probing: see [`Disk::open_as`]).
     pub fn open(
         path: &Path,
         readonly: bool,
         direct: bool,
         block_size: Option<u32>,
+    ) -> Result<Self, DiskError> {
+        Self::open_with(path, readonly, direct, block_size, None, false)
+    }
+
+    /// Opens an image file or block device. `block_size` is the logical block size to expose
+    /// (None: the device's own for block devices, 512 for files). The format is probed and
+    /// must be `format` when that is given; a qcow2 image's backing chain is opened too, and
+    /// with `lock_chain` its files are locked against writers.
+    pub fn open_as(
+        path: &Path,
+        readonly: bool,
+        direct: bool,
+        block_size: Option<u32>,
+        format: Option<Format>,
+        lock_chain: bool,
+    ) -> Result<Self, DiskError> {
+        Self::open_with(path, readonly, direct, block_size, Some(format), lock_chain)
+    }
+
+    /// `format`: None for raw without probing (unit tests), else as for `open_as`.
+    fn open_with(
+        path: &Path,
+        readonly: bool,
+        direct: bool,
+        block_size: Option<u32>,
+        format: Option<Option<Format>>,
+        lock_chain: bool,
     ) -> Result<Self, DiskError> {
         let mut opts = OpenOptions::new();
         opts.read(true).write(!readonly);
@@ -221,6 +263,19 @@ impl Disk {
             )
         } else {
             return Err(DiskError::NotAFileOrDevice(path.to_owned()));
+        };
+        let chain = match format {
+            None => Chain {
+                format: Format::Raw,
+                size: 0,
+                below: Vec::new(),
+            },
+            Some(given) => crate::image::open_chain(path, &file, given, direct, lock_chain)?,
+        };
+        let size = if chain.format == Format::Qcow2 {
+            chain.size
+        } else {
+            size
         };
         let block_size = block_size.unwrap_or(host_lbs);
         if block_size < host_lbs {
@@ -254,7 +309,41 @@ impl Disk {
             block_size,
             topology,
             readonly,
+            format: chain.format,
+            path: Some(path.to_owned()),
+            direct,
+            below: chain.below,
+            image: OnceLock::new(),
         })
+    }
+
+    /// The worker's side of a qcow2 image: opens the chain from duplicates of the
+    /// supervisor's fds (before the jail) and returns the fds to keep. Nothing for raw images;
+    /// in a process that already opened it (`--sandbox none`), the open chain is kept.
+    pub fn open_format(&self) -> io::Result<Vec<RawFd>> {
+        if self.format != Format::Qcow2 {
+            return Ok(Vec::new());
+        }
+        if let Some(img) = self.image.get() {
+            return Ok(img.fds.clone());
+        }
+        let (Some(file), Some(path)) = (&self.file, &self.path) else {
+            return Ok(Vec::new());
+        };
+        let img = Image::build(file, path, &self.below, self.readonly, self.direct)?;
+        let fds = img.fds.clone();
+        let _ = self.image.set(Arc::new(img));
+        Ok(fds)
+    }
+
+    /// The open qcow2 chain, once [`Disk::open_format`] made it.
+    pub fn image(&self) -> Option<&Arc<Image>> {
+        self.image.get()
+    }
+
+    /// The files of a qcow2 image's backing chain, nearest first, with their formats.
+    pub fn chain(&self) -> impl Iterator<Item = (&Path, Format)> {
+        self.below.iter().map(|l| (l.path.as_path(), l.format))
     }
 
     /// A device of `size` bytes that reads zeros and drops writes.
@@ -274,15 +363,20 @@ impl Disk {
                 opt_io_size: 0,
             },
             readonly,
+            format: Format::Raw,
+            path: None,
+            direct: false,
+            below: Vec::new(),
+            image: OnceLock::new(),
         })
     }
 
-    /// The backing fd (None for the null device).
     /// The open image (None for the null device).
     pub fn file(&self) -> Option<&File> {
         self.file.as_ref()
     }
 
+    /// The image's fd (None for the null device).
     pub fn fd(&self) -> Option<RawFd> {
         self.file.as_ref().map(|f| f.as_raw_fd())
     }
@@ -310,6 +404,9 @@ impl Disk {
     pub fn resize(&self, want: Option<u64>, force: bool) -> Result<(u64, u64), ResizeError> {
         let old = self.size();
         let bs = u64::from(self.block_size);
+        if self.format == Format::Qcow2 {
+            return Err(ResizeError::Qcow2);
+        }
         let new = match (self.kind, want) {
             (DiskKind::BlockDevice, Some(_)) => return Err(ResizeError::BlockDeviceSize),
             (DiskKind::Null, None) => return Err(ResizeError::NullReread),
@@ -345,6 +442,9 @@ impl Disk {
 
     /// Makes data written so far durable.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(img) = self.image() {
+            return if self.readonly { Ok(()) } else { img.flush() };
+        }
         match &self.file {
             Some(f) if !self.readonly => f.sync_data(),
             _ => Ok(()),
@@ -353,6 +453,9 @@ impl Disk {
 
     /// Discards a byte range: a hint, the content afterwards is unspecified.
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
+        if let Some(img) = self.image() {
+            return img.discard(offset, len);
+        }
         let Some(fd) = self.fd() else { return Ok(()) };
         let r = match self.kind {
             DiskKind::BlockDevice => ioctl_range(fd, BLKDISCARD, offset, len),
@@ -372,6 +475,9 @@ impl Disk {
 
     /// Makes a byte range read back as zeros. With `unmap`, the space may be deallocated.
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
+        if let Some(img) = self.image() {
+            return img.write_zeroes(offset, len, unmap);
+        }
         let Some(fd) = self.fd() else { return Ok(()) };
         if self.kind == DiskKind::BlockDevice {
             return ioctl_range(fd, BLKZEROOUT, offset, len);

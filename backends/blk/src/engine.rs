@@ -77,6 +77,9 @@ pub struct Completion {
 pub enum Engine {
     Sync(SyncEngine),
     Uring(Box<UringEngine>),
+    /// A qcow2 image: each operation runs on the calling thread through imago, which maps
+    /// guest offsets to clusters (and to the backing chain).
+    Image(std::sync::Arc<crate::image::Image>),
 }
 
 impl Engine {
@@ -92,13 +95,20 @@ impl Engine {
             Engine::Sync(e) => Outcome::Executed(unsafe { e.execute(op, iov) }),
             // SAFETY: forwarded contract.
             Engine::Uring(u) => unsafe { u.push(op, iov, token) },
+            Engine::Image(img) => Outcome::Executed(match op {
+                Op::Flush => img.flush().map(|()| 0),
+                // SAFETY: forwarded contract.
+                Op::Read { offset } => unsafe { img.read(iov, offset) },
+                // SAFETY: forwarded contract.
+                Op::Write { offset, dsync } => unsafe { img.write(iov, offset, dsync) },
+            }),
         }
     }
 
     /// Hands queued operations to the kernel.
     pub fn kick(&mut self) -> io::Result<()> {
         match self {
-            Engine::Sync(_) => Ok(()),
+            Engine::Sync(_) | Engine::Image(_) => Ok(()),
             Engine::Uring(u) => u.kick(),
         }
     }
@@ -119,7 +129,7 @@ impl Engine {
     /// As for [`Engine::submit`], for the duration of the call.
     pub unsafe fn read_now(&mut self, offset: u64, iov: &[libc::iovec]) -> Option<usize> {
         match self {
-            Engine::Sync(_) => None,
+            Engine::Sync(_) | Engine::Image(_) => None,
             // SAFETY: forwarded contract.
             Engine::Uring(u) => unsafe { u.read_now(offset, iov) },
         }
@@ -128,7 +138,7 @@ impl Engine {
     /// Operations queued for the kernel but not handed to it yet (by [`Engine::kick`]).
     pub fn queued(&self) -> usize {
         match self {
-            Engine::Sync(_) => 0,
+            Engine::Sync(_) | Engine::Image(_) => 0,
             Engine::Uring(u) => u.queued,
         }
     }
@@ -136,7 +146,7 @@ impl Engine {
     /// Whether finished operations wait to be reaped (no system call).
     pub fn has_completions(&mut self) -> bool {
         match self {
-            Engine::Sync(_) => false,
+            Engine::Sync(_) | Engine::Image(_) => false,
             Engine::Uring(u) => u.in_flight > 0 && !u.ring.completion().is_empty(),
         }
     }
@@ -144,7 +154,7 @@ impl Engine {
     /// Blocks until at least one queued operation finished (no-op with nothing in flight).
     pub fn wait(&mut self) -> io::Result<()> {
         match self {
-            Engine::Sync(_) => Ok(()),
+            Engine::Sync(_) | Engine::Image(_) => Ok(()),
             Engine::Uring(u) => u.wait(),
         }
     }
@@ -152,7 +162,7 @@ impl Engine {
     /// Operations queued or in flight.
     pub fn in_flight(&self) -> usize {
         match self {
-            Engine::Sync(_) => 0,
+            Engine::Sync(_) | Engine::Image(_) => 0,
             Engine::Uring(u) => u.in_flight,
         }
     }
@@ -160,7 +170,7 @@ impl Engine {
     /// The eventfd that becomes readable when completions are ready.
     pub fn completion_fd(&self) -> Option<RawFd> {
         match self {
-            Engine::Sync(_) => None,
+            Engine::Sync(_) | Engine::Image(_) => None,
             Engine::Uring(u) => Some(u.eventfd.as_raw_fd()),
         }
     }
@@ -169,6 +179,7 @@ impl Engine {
     pub fn fds(&self) -> Vec<RawFd> {
         match self {
             Engine::Sync(_) => Vec::new(),
+            Engine::Image(img) => img.fds.clone(),
             Engine::Uring(u) => vec![u.ring_fd(), u.eventfd.as_raw_fd()],
         }
     }
@@ -210,7 +221,7 @@ impl Engine {
     /// The io_uring fd, if any.
     pub fn ring_fd(&self) -> Option<RawFd> {
         match self {
-            Engine::Sync(_) => None,
+            Engine::Sync(_) | Engine::Image(_) => None,
             Engine::Uring(u) => Some(u.ring_fd()),
         }
     }

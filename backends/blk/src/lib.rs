@@ -11,6 +11,7 @@ pub mod config;
 pub mod device;
 pub mod disk;
 pub mod engine;
+pub mod image;
 pub mod lock;
 pub mod queue;
 pub mod request;
@@ -45,6 +46,8 @@ pub enum BuildError {
     Inflight(#[source] io::Error),
     #[error("cannot make the I/O limits' timer")]
     Timer(#[source] io::Error),
+    #[error("cannot open the qcow2 image")]
+    Image(#[source] io::Error),
 }
 
 /// vhostbox-blk as the launcher runs it.
@@ -74,7 +77,14 @@ impl launch::Device for Blk {
         let cfg = &self.cfg;
         let disk = match &cfg.backing {
             Backing::Image(p) => {
-                let disk = Disk::open(p, cfg.readonly, cfg.direct, cfg.logical_block_size)?;
+                let disk = Disk::open_as(
+                    p,
+                    cfg.readonly,
+                    cfg.direct,
+                    cfg.logical_block_size,
+                    cfg.format,
+                    cfg.lock,
+                )?;
                 match (cfg.lock, disk.file()) {
                     (true, Some(file)) => {
                         let how = lock::lock_path(p, file, cfg.readonly)?;
@@ -95,7 +105,14 @@ impl launch::Device for Blk {
         log::info!(
             "{} {} bytes ({} sectors, block size {}), {} queue(s) of {}, engine {:?}{}",
             match &cfg.backing {
-                Backing::Image(p) => format!("image {}", p.display()),
+                Backing::Image(p) => format!(
+                    "image {} ({}{})",
+                    p.display(),
+                    disk.format,
+                    disk.chain()
+                        .map(|(p, f)| format!(" over {} ({f})", p.display()))
+                        .collect::<String>()
+                ),
                 Backing::Null(_) => "null device".to_string(),
             },
             disk.size(),
@@ -147,12 +164,12 @@ impl launch::Device for Blk {
             // fails the request (the guest would see IOERR). io-wq starts at most 4 per CPU
             // per ring for bounded work.
             nproc: 8 + nq * (1 + 4 * ncpus()),
-            fsize: shared.disk.size().max(64 << 20),
+            fsize: fsize(&shared.disk),
         }
     }
 
     fn seccomp(&self, shared: &Arc<Shared>, own_pid: u32) -> Rules {
-        seccomp::rules(shared.disk.kind, own_pid)
+        seccomp::rules(shared.disk.kind, shared.disk.format, own_pid)
     }
 
     fn build(
@@ -166,6 +183,9 @@ impl launch::Device for Blk {
             InflightFd::new(cfg.num_queues, cfg.queue_size).map_err(BuildError::Inflight)?;
         let slot = Arc::new(InflightSlot::default());
         let mut fds: Vec<i32> = shared.disk.fd().into_iter().collect();
+        // A qcow2 chain is opened here, from the supervisor's fds, so that it reads the
+        // metadata as a previous worker left it.
+        fds.extend(shared.disk.open_format().map_err(BuildError::Image)?);
         fds.push(inflight.raw_fd());
         let mut watch = Vec::new();
         let mut queues = Vec::with_capacity(usize::from(cfg.num_queues));
@@ -243,6 +263,14 @@ impl launch::Device for Blk {
             conn.probe.file = shared.disk.fd();
         }
         conn.drain = Some(Box::new(move || backend.shut_down()));
+        // qcow2: metadata imago caches (L2 tables, refcounts) goes to the files when the
+        // connection ends, as on a guest's flush.
+        let sh = shared.clone();
+        conn.finished = Some(Box::new(move || {
+            if let Err(e) = sh.disk.flush() {
+                log::error!("flushing the image at the end of the connection: {e}");
+            }
+        }));
         conn.drain_rules = seccomp::drain_rules();
         Ok(conn)
     }
@@ -250,6 +278,9 @@ impl launch::Device for Blk {
 
 /// A queue's engine (none for the null device, which needs none).
 fn make_engine(shared: &Shared, kind: EngineKind, queue_size: u16) -> io::Result<Option<Engine>> {
+    if let Some(img) = shared.disk.image() {
+        return Ok(Some(Engine::Image(img.clone())));
+    }
     let Some(fd) = shared.disk.fd() else {
         return Ok(None);
     };
@@ -259,6 +290,24 @@ fn make_engine(shared: &Shared, kind: EngineKind, queue_size: u16) -> io::Result
             Engine::Uring(Box::new(UringEngine::new(fd, u32::from(queue_size))?))
         }
     }))
+}
+
+/// RLIMIT_FSIZE: a raw image never grows (resize raises the limit); a qcow2 file grows as
+/// clusters are allocated, up to about its virtual size plus its metadata (L2 tables and
+/// refcount blocks, well under 1/16 of it), plus what it held already (snapshots, leaks).
+fn fsize(disk: &Disk) -> u64 {
+    let size = disk.size();
+    if disk.format == image::Format::Qcow2 {
+        let have = disk
+            .file()
+            .and_then(|f| f.metadata().ok())
+            .map_or(0, |m| m.len());
+        return have
+            .saturating_add(size)
+            .saturating_add(size / 16)
+            .saturating_add(64 << 20);
+    }
+    size.max(64 << 20)
 }
 
 fn ncpus() -> u64 {

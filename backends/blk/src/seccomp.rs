@@ -3,20 +3,25 @@
 use vhostbox_common::sandbox::seccomp::{allow, allow_if, transport_rules, Arg, Rules};
 
 use crate::disk::DiskKind;
+use crate::image::Format;
 
 const BLKDISCARD: u64 = 0x1277;
 const BLKZEROOUT: u64 = 0x127f;
 
 /// The worker's full allow-list for a device backed by `kind`.
-pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
+pub fn rules(kind: DiskKind, format: Format, own_pid: u32) -> Rules {
     use libc::*;
     let mut r = transport_rules(own_pid);
     r.extend([
-        allow(SYS_pread64, "pread64", "sync engine reads"),
+        allow(
+            SYS_pread64,
+            "pread64",
+            "sync engine reads; qcow2: imago reads metadata and data",
+        ),
         allow(
             SYS_pwrite64,
             "pwrite64",
-            "sync engine writes; write-zeroes fallback",
+            "sync engine writes; write-zeroes fallback; qcow2: imago writes metadata and data",
         ),
         allow(SYS_preadv, "preadv", "sync engine reads into guest buffers"),
         allow(
@@ -39,12 +44,12 @@ pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
         allow(
             SYS_fsync,
             "fsync",
-            "FLUSH on libcs that map sync_data to fsync",
+            "FLUSH on libcs that map sync_data to fsync; qcow2: imago's sync",
         ),
         allow(
             SYS_fallocate,
             "fallocate",
-            "DISCARD and WRITE_ZEROES on image files",
+            "DISCARD and WRITE_ZEROES on image files; qcow2: imago frees and zeroes clusters",
         ),
         allow(
             SYS_io_uring_enter,
@@ -57,6 +62,13 @@ pub fn rules(kind: DiskKind, own_pid: u32) -> Rules {
             "I/O limits: arm the queue's pre-made timer for a bucket's refill",
         ),
     ]);
+    if format == Format::Qcow2 {
+        r.push(allow(
+            SYS_ftruncate,
+            "ftruncate",
+            "qcow2: imago grows the file for write-zeroes past its end (RLIMIT_FSIZE bounds it)",
+        ));
+    }
     if kind == DiskKind::BlockDevice {
         r.push(allow_if(
             SYS_ioctl,
