@@ -123,11 +123,12 @@ fn start_signal_thread(listen_fd: RawFd, drain_rules: Rules) -> io::Result<Arc<S
 
 /// Starts the thread that answers the supervisor's heartbeat (the watchdog's evidence that
 /// this worker is alive), under its own seccomp list.
-fn start_heartbeat_thread() -> io::Result<()> {
+fn start_heartbeat_thread(extra: Rules) -> io::Result<()> {
     std::thread::Builder::new()
         .name("heartbeat".into())
-        .spawn(|| {
-            let rules = heartbeat_rules(std::process::id());
+        .spawn(move || {
+            let mut rules = heartbeat_rules(std::process::id());
+            rules.extend(extra);
             if let Err(e) = install_thread(ThreadKind::Heartbeat, rules) {
                 log::error!("heartbeat thread: {e}");
                 std::process::exit(EXIT_JAIL_FAILED);
@@ -208,7 +209,8 @@ where
     let drain_rules = std::mem::take(&mut conn.drain_rules);
     let st =
         start_signal_thread(listener.raw_fd(), drain_rules).map_err(ConnectionError::Signals)?;
-    start_heartbeat_thread().map_err(ConnectionError::Signals)?;
+    start_heartbeat_thread(std::mem::take(&mut conn.config_rules))
+        .map_err(ConnectionError::Signals)?;
     info!("ready; waiting for a frontend");
     crate::sandbox::supervisor::report_ready();
     let frontend = loop {

@@ -80,6 +80,10 @@ pub struct Connection<B> {
     /// What `drain` needs beyond the signal thread's own allow-list
     /// ([`crate::sandbox::seccomp::signal_rules`]).
     pub drain_rules: Rules,
+    /// What the heartbeat thread needs beyond its own allow-list
+    /// ([`crate::sandbox::seccomp::heartbeat_rules`]) to run the device's config-change hook
+    /// ([`crate::sandbox::supervisor::on_config_change`]): blk's qcow2 grows its image there.
+    pub config_rules: Rules,
     /// Runs when the connection is over (a summary for the log).
     pub finished: Option<Box<dyn FnOnce() + Send>>,
     /// Test builds: what the device lends the jail probes (its ring, its backing file).
@@ -97,6 +101,7 @@ impl<B> Connection<B> {
             watch: Vec::new(),
             drain: None,
             drain_rules: Vec::new(),
+            config_rules: Vec::new(),
             finished: None,
             #[cfg(feature = "jail-probe")]
             probe: Default::default(),

@@ -310,3 +310,67 @@ fn formats_are_checked_and_refusals_are_specific() {
     assert!(be.log().contains("(qcow2)"), "{}", be.log());
     be.signal_and_wait(libc::SIGTERM);
 }
+
+#[test]
+fn resize_grows_the_qcow2_virtual_size_and_the_backing_file_does_not_show_through() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut model = base_image(&d.join("base.raw"));
+    // A 4 MiB overlay over the 8 MiB base: the base's second half is beyond the disk.
+    qemu_img(
+        d,
+        &[
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            "base.raw",
+            "-F",
+            "raw",
+            "top.qcow2",
+            "4M",
+        ],
+    );
+    model.truncate(4 * MIB as usize);
+    let sock = d.join("blk.sock");
+    let csock = d.join("ctl.sock");
+    let mut be = Backend::blk(
+        &sock,
+        &d.join("top.qcow2"),
+        &["--format", "qcow2", "--control", csock.to_str().unwrap()],
+    );
+    let c = Client::connect(&sock, 1, 2 * MIB as usize);
+    assert_eq!(c.blkio.get_u64("capacity").unwrap(), 4 * MIB);
+    for (args, want) in [
+        (&["resize"][..], "give a size"),
+        (&["resize", "2M", "--force"], "shrinking a qcow2 image"),
+        (&["resize", "5000"], "not a positive multiple"),
+    ] {
+        let (code, _, err) = vhostbox_tests::vhostboxctl(&csock, args);
+        assert_ne!(code, 0, "{args:?}");
+        assert!(err.contains(want), "{args:?}: want '{want}' in {err}");
+    }
+    // Grown while a frontend is connected: the serving worker grows the image.
+    let (code, r, err) = vhostbox_tests::vhostboxctl(&csock, &["resize", "8M"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["new"], 8 * MIB, "{r}");
+    be.wait_log("capacity 4194304 -> 8388608 bytes");
+    // The header on disk says so already: the serving worker wrote it.
+    let info = qemu_img(d, &["info", "-U", "--output=json", "top.qcow2"]);
+    assert!(info.contains("\"virtual-size\": 8388608"), "{info}");
+    drop(c);
+    // The next connection (a new worker, reading the header) sees 8 MiB, zeros past 4 MiB.
+    let mut c = Client::connect(&sock, 1, 2 * MIB as usize);
+    assert_eq!(c.blkio.get_u64("capacity").unwrap(), 8 * MIB);
+    model.resize(8 * MIB as usize, 0);
+    verify(&mut c, &model, "after growing");
+    write_at(&mut c, &mut model, 6 * MIB as usize, 8 * BLOCK, 6);
+    verify(&mut c, &model, "after writing into the new range");
+    drop(c);
+    assert!(be.signal_and_wait(libc::SIGTERM).success());
+    assert!(
+        qcow2_contents(d, "top.qcow2") == model,
+        "qemu-img reads another disk"
+    );
+}

@@ -69,8 +69,13 @@ pub enum ResizeError {
     Shrink { old: u64, new: u64 },
     #[error("cannot resize the image")]
     Io(#[source] io::Error),
-    #[error("resizing a qcow2 image is not supported yet (stop the device, qemu-img resize)")]
-    Qcow2,
+    #[error("a qcow2 image's size is in its header, not its file: give a size")]
+    Qcow2Reread,
+    #[error(
+        "shrinking a qcow2 image ({old} to {new} bytes) is not supported, even forced (stop \
+         the device, then qemu-img resize --shrink)"
+    )]
+    Qcow2Shrink { old: u64, new: u64 },
 }
 
 /// What kind of backing store it is.
@@ -331,9 +336,24 @@ impl Disk {
             return Ok(Vec::new());
         };
         let img = Image::build(file, path, &self.below, self.readonly, self.direct)?;
+        // A resize the supervisor took while no worker had the image open.
+        if img.size() < self.size() && !self.readonly {
+            img.grow(self.size())?;
+        }
+        self.set_size(img.size());
         let fds = img.fds.clone();
         let _ = self.image.set(Arc::new(img));
         Ok(fds)
+    }
+
+    /// The worker's side of a resize to `size`: a qcow2 image's virtual size grows (through
+    /// its open chain); for raw images the supervisor already grew the file.
+    pub fn grow(&self, size: u64) -> io::Result<()> {
+        if let Some(img) = self.image() {
+            img.grow(size)?;
+        }
+        self.set_size(size);
+        Ok(())
     }
 
     /// The open qcow2 chain, once [`Disk::open_format`] made it.
@@ -404,13 +424,11 @@ impl Disk {
     pub fn resize(&self, want: Option<u64>, force: bool) -> Result<(u64, u64), ResizeError> {
         let old = self.size();
         let bs = u64::from(self.block_size);
-        if self.format == Format::Qcow2 {
-            return Err(ResizeError::Qcow2);
-        }
         let new = match (self.kind, want) {
             (DiskKind::BlockDevice, Some(_)) => return Err(ResizeError::BlockDeviceSize),
             (DiskKind::Null, None) => return Err(ResizeError::NullReread),
             (_, Some(n)) if self.readonly => return Err(ResizeError::ReadOnly(n)),
+            (_, None) if self.format == Format::Qcow2 => return Err(ResizeError::Qcow2Reread),
             (_, Some(n)) => n,
             (DiskKind::BlockDevice, None) => {
                 let fd = self.fd().ok_or(ResizeError::NullReread)?;
@@ -430,10 +448,17 @@ impl Disk {
         if new > MAX_DISK_BYTES {
             return Err(ResizeError::TooLarge(new));
         }
+        if self.format == Format::Qcow2 && new < old {
+            return Err(ResizeError::Qcow2Shrink { old, new });
+        }
         if want.is_some() && new < old && !force {
             return Err(ResizeError::Shrink { old, new });
         }
-        if let (Some(f), Some(n), DiskKind::File) = (&self.file, want, self.kind) {
+        // A qcow2 image is grown by the worker, whose imago holds its metadata
+        // ([`Disk::grow`]); one that starts later grows it to this size ([`Disk::open_format`]).
+        if let (Some(f), Some(n), DiskKind::File, Format::Raw) =
+            (&self.file, want, self.kind, self.format)
+        {
             f.set_len(n).map_err(ResizeError::Io)?;
         }
         self.set_size(new);

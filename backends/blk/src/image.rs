@@ -489,6 +489,16 @@ impl Image {
         a.sync()
     }
 
+    /// Grows the virtual size to `size` (nothing if it is that large already): the L1 table
+    /// grows to cover it, the new range reads zero (a longer backing file does not show
+    /// through), and the header is written and synced before this returns.
+    pub fn grow(&self, size: u64) -> io::Result<()> {
+        let a = self.access.write().map_err(poisoned)?;
+        a.resize_grow(size, imago::format::PreallocateMode::Zero)?;
+        a.flush()?;
+        a.sync()
+    }
+
     /// Makes a range read back as zeros, freeing the overlay's clusters where whole clusters
     /// are covered (they become zero clusters, so the backing file no longer shows through).
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {

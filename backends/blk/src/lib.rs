@@ -234,7 +234,13 @@ impl launch::Device for Blk {
         let sh = shared.clone();
         vhostbox_common::sandbox::supervisor::on_config_change(Box::new(move |size| {
             let old = sh.disk.size();
-            sh.disk.set_size(size);
+            if let Err(e) = sh.disk.grow(size) {
+                log::error!(
+                    "growing the image from {old} to {size} bytes failed: {e}; the disk keeps \
+                     {old} bytes"
+                );
+                return;
+            }
             match vhostbox_common::relay::send_config_change() {
                 Ok(true) => log::info!(
                     "capacity {old} -> {size} bytes; the frontend was told (CONFIG_CHANGE_MSG)"
@@ -272,6 +278,7 @@ impl launch::Device for Blk {
             }
         }));
         conn.drain_rules = seccomp::drain_rules();
+        conn.config_rules = seccomp::config_rules(shared.disk.format);
         Ok(conn)
     }
 }

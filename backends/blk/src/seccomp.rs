@@ -89,3 +89,34 @@ pub fn drain_rules() -> Rules {
         "io-uring engine: waiting for the requests in flight at SIGTERM",
     )]
 }
+
+/// What the heartbeat thread needs to grow a qcow2 image on a resize (its own list is
+/// common's `heartbeat_rules`): imago's metadata reads and writes, and the sync. Nothing for
+/// raw images, which the supervisor grows.
+pub fn config_rules(format: Format) -> Rules {
+    use libc::*;
+    if format != Format::Qcow2 {
+        return Vec::new();
+    }
+    vec![
+        allow(SYS_pread64, "pread64", "qcow2 resize: imago reads metadata"),
+        allow(
+            SYS_pwrite64,
+            "pwrite64",
+            "qcow2 resize: imago writes the L1 table and the header",
+        ),
+        allow(SYS_preadv, "preadv", "qcow2 resize: the same, vectored"),
+        allow(SYS_pwritev, "pwritev", "qcow2 resize: the same, vectored"),
+        allow(SYS_fsync, "fsync", "qcow2 resize: syncing the header"),
+        allow(
+            SYS_fallocate,
+            "fallocate",
+            "qcow2 resize: imago zeroes new clusters",
+        ),
+        allow(
+            SYS_ftruncate,
+            "ftruncate",
+            "qcow2 resize: imago grows the file",
+        ),
+    ]
+}
