@@ -59,8 +59,10 @@ fi
 pkgs=()
 # systemd: systemd-socket-activate and systemd-analyze for the service tests (not run as init).
 # python3-prometheus-client: the OpenMetrics parser the metrics tests check the exposition with.
+# libnbd0: what --nbd loads at run time; nbdkit: an NBD server the NBD tests use (with
+# qemu-nbd, from qemu-utils).
 for p in busybox-static fio cpio xz-utils e2fsprogs iproute2 kmod libaio1 systemd \
-    python3-prometheus-client; do
+    python3-prometheus-client libnbd0 nbdkit; do
     dpkg -s "$p" >/dev/null 2>&1 || pkgs+=("$p")
 done
 if [ "$bench" = 1 ]; then

@@ -160,6 +160,23 @@ pub trait Device: Sized {
         Err(format!("{} has no disk to resize", Self::NAME))
     }
 
+    /// In the supervisor, before each worker is forked: what the worker needs made with the
+    /// supervisor's reach (blk: connections to an NBD server, which the jail cannot make). An
+    /// error is logged and retried with back-off; the frontend waits.
+    fn prepare_worker(&self, _opened: &Self::Opened) -> Result<(), String> {
+        Ok(())
+    }
+
+    /// In the supervisor, right after each worker was forked: drop what `prepare_worker`
+    /// made (the worker has its copies).
+    fn worker_spawned(&self, _opened: &Self::Opened) {}
+
+    /// Whether a build error means the backing store went away (a new worker, with a new
+    /// connection, may succeed) rather than a setup that can never work.
+    fn build_retryable(_e: &Self::BuildError) -> bool {
+        false
+    }
+
     /// The values of [`Self::SETTINGS`] the command line gave, in order.
     fn initial_settings(&self) -> Vec<u64> {
         Vec::new()
@@ -310,6 +327,8 @@ pub fn run<D: Device>(common: &CommonConfig, dev: &D) -> i32 {
         queues: dev.metric_queues(),
         server,
         resize: Some(resize),
+        prepare: Some(Box::new(|| dev.prepare_worker(&opened))),
+        spawned: Some(Box::new(|| dev.worker_spawned(&opened))),
     };
     let code = supervisor::supervise(&jail, &names, service, |ctx| {
         worker(dev, &opened, &jail, &listener, common, ctx)
@@ -392,6 +411,9 @@ fn worker<D: Device>(
         Ok(c) => c,
         Err(e) => {
             error!("cannot set up the device: {}", error_chain(&e));
+            if D::build_retryable(&e) {
+                return supervisor::EXIT_BACKING_LOST;
+            }
             return EXIT_JAIL_FAILED;
         }
     };

@@ -158,11 +158,19 @@ pub fn snapshot(r: &Report, defs: &[metrics::Def]) -> metrics::Snapshot {
         vec![],
         Value::Int(r.restarts),
     );
-    for how in ["finished", "failed", "signal", "seccomp", "setup_failed"] {
+    for how in [
+        "finished",
+        "failed",
+        "signal",
+        "seccomp",
+        "setup_failed",
+        "backing_lost",
+    ] {
         s.push(
             "worker_exits",
             "Workers that ended, by how: finished (the connection ended), failed (non-zero \
-             exit), signal, seccomp (killed by the filter), setup_failed.",
+             exit), signal, seccomp (killed by the filter), setup_failed, backing_lost (its \
+             NBD server went away).",
             Counter,
             l("how", how),
             Value::Int(r.exits.get(how).copied().unwrap_or(0)),

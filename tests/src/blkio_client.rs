@@ -15,8 +15,16 @@ pub struct Client {
 
 impl Client {
     pub fn connect(socket: &Path, num_queues: i32, buf_len: usize) -> Client {
+        Client::connect_as(socket, num_queues, buf_len, false)
+    }
+
+    /// `connect`, read-only (libblkio refuses to start a read-only device otherwise).
+    pub fn connect_as(socket: &Path, num_queues: i32, buf_len: usize, readonly: bool) -> Client {
         let mut blkio = Blkio::new("virtio-blk-vhost-user").expect("driver");
         blkio.set_str("path", socket.to_str().unwrap()).unwrap();
+        if readonly {
+            blkio.set_bool("read-only", true).unwrap();
+        }
         blkio.connect().expect("connect");
         blkio.set_i32("num-queues", num_queues).unwrap();
         let out = blkio.start().expect("start");

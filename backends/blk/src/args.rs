@@ -15,7 +15,7 @@ pub const DEFAULT_POLL_MAX_US: u32 = 50;
 /// virtio_blk driver; the device model runs here, in its own small process, not in the VMM.
 ///
 /// The backing store is a raw or qcow2 image file (qcow2 with its backing chain), a host
-/// block device, or (--null) a device that reads zeros and drops writes, for benchmarks. The socket is bound (or taken with --fd) and
+/// block device, an NBD export (--nbd), or (--null) a device that reads zeros and drops writes, for benchmarks. The socket is bound (or taken with --fd) and
 /// the image opened once at start-up; frontends are then served one after another on the same
 /// listener: when a frontend disconnects, its state is dropped and the next one is accepted.
 /// SIGTERM or SIGINT shut down cleanly and remove the socket.
@@ -54,8 +54,8 @@ pub struct Args {
         long,
         value_name = "PATH",
         visible_alias = "blk-file",
-        required_unless_present = "null",
-        conflicts_with = "null"
+        required_unless_present_any = ["null", "nbd"],
+        conflicts_with_all = ["null", "nbd"]
     )]
     pub image: Option<PathBuf>,
 
@@ -65,6 +65,14 @@ pub struct Args {
     /// image must be of that format.
     #[arg(long, value_name = "raw|qcow2", conflicts_with = "null")]
     pub format: Option<String>,
+
+    /// Serve an export of an NBD server instead of an image: `nbd://HOST[:PORT][/EXPORT]` or
+    /// `nbd+unix:///[EXPORT]?socket=PATH` (qemu-nbd, nbdkit, rbd-nbd, ...). The supervisor
+    /// connects, the jailed worker only talks over the connected sockets (one per queue when
+    /// the server allows several); when the server goes away the next worker gets new ones.
+    /// Needs libnbd (libnbd.so.0) at run time.
+    #[arg(long, value_name = "URI", conflicts_with_all = ["null", "format", "direct"])]
+    pub nbd: Option<String>,
 
     /// Serve a null device of SIZE bytes instead of an image: reads return zeros, writes are
     /// dropped. SIZE takes K, M, G or T suffixes. For benchmarks.

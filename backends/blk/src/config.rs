@@ -17,6 +17,7 @@ pub use vhostbox_common::listener::ListenOn;
 pub enum Backing {
     Image(PathBuf),
     Null(u64),
+    Nbd(crate::nbd::NbdUri),
 }
 
 /// vhostbox-blk's own settings (the common ones are in [`CommonConfig`]).
@@ -52,8 +53,10 @@ pub const MAX_QUEUES: u16 = 64;
 pub enum ConfigError {
     #[error(transparent)]
     Common(#[from] CommonError),
-    #[error("exactly one of --image and --null is required")]
+    #[error("exactly one of --image, --nbd and --null is required")]
     Backing,
+    #[error("--nbd: {0}")]
+    Nbd(#[from] crate::nbd::UriError),
     #[error("--null")]
     NullSize(#[source] SizeError),
     #[error(transparent)]
@@ -81,9 +84,10 @@ impl TryFrom<Args> for (CommonConfig, Config) {
 
     fn try_from(a: Args) -> Result<Self, ConfigError> {
         let common = CommonConfig::try_from(a.common)?;
-        let backing = match (a.image, a.null) {
-            (Some(p), None) => Backing::Image(p),
-            (None, Some(s)) => Backing::Null(parse_size(&s).map_err(ConfigError::NullSize)?),
+        let backing = match (a.image, a.null, a.nbd) {
+            (Some(p), None, None) => Backing::Image(p),
+            (None, Some(s), None) => Backing::Null(parse_size(&s).map_err(ConfigError::NullSize)?),
+            (None, None, Some(u)) => Backing::Nbd(u.parse()?),
             _ => return Err(ConfigError::Backing),
         };
         let num_queues = check_count("--num-queues", a.num_queues, MAX_QUEUES)?;
@@ -238,5 +242,10 @@ mod tests {
         assert!(parse(&["--socket-path", "/s", "--image", "/i", "--null", "1G"]).is_err());
         assert!(parse(&["--socket-path", "/s", "--null", "1Q"]).is_err());
         assert!(parse(&["--socket-path", "/s", "--null", "1G", "--format", "raw"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--nbd", "nbds://h/e"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--nbd", "nbd://h", "--image", "/i"]).is_err());
+        assert!(parse(&["--socket-path", "/s", "--nbd", "nbd://h", "--direct"]).is_err());
+        let c = parse(&["--socket-path", "/s", "--nbd", "nbd://h:99/e"]).unwrap();
+        assert!(matches!(c.backing, Backing::Nbd(ref u) if u.export == "e"));
     }
 }

@@ -13,6 +13,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use crate::image::{Chain, Format, Image, ImageError, Layer};
+use crate::nbd::{Conn, ExportInfo, NbdUri};
 
 /// Errors while opening the backing store.
 #[derive(Debug, thiserror::Error)]
@@ -41,6 +42,16 @@ pub enum DiskError {
     Lock(#[from] crate::lock::LockError),
     #[error(transparent)]
     Image(#[from] ImageError),
+    #[error("{0}")]
+    NbdLib(String),
+    #[error("cannot reach the NBD server of {0}")]
+    NbdConnect(String, #[source] io::Error),
+    #[error("NBD handshake with {0} failed")]
+    NbdHandshake(String, #[source] io::Error),
+    #[error("the NBD export {0} is read-only: give --readonly")]
+    NbdReadOnly(String),
+    #[error("the NBD export {0} is empty")]
+    NbdEmpty(String),
 }
 
 /// The largest size `resize` sets (1 PiB).
@@ -76,6 +87,8 @@ pub enum ResizeError {
          the device, then qemu-img resize --shrink)"
     )]
     Qcow2Shrink { old: u64, new: u64 },
+    #[error("an NBD export's size is the server's: resize it there (not supported yet)")]
+    Nbd,
 }
 
 /// What kind of backing store it is.
@@ -84,6 +97,24 @@ pub enum DiskKind {
     File,
     BlockDevice,
     Null,
+    /// An export of an NBD server.
+    Nbd,
+}
+
+/// An NBD-backed disk: where the server is, and the connections.
+#[derive(Debug)]
+struct Nbd {
+    uri: NbdUri,
+    /// Connections per worker: one per queue where the server allows several
+    /// (NBD_FLAG_CAN_MULTI_CONN), else one that the queues share.
+    connections: usize,
+    /// What the supervisor's own handshake at start-up found.
+    info: ExportInfo,
+    /// Sockets connected for the next worker (supervisor: made before the fork, closed
+    /// after; the worker takes its copies).
+    pending: std::sync::Mutex<Vec<RawFd>>,
+    /// The worker's connections, past their handshake.
+    conns: OnceLock<Vec<Arc<Conn>>>,
 }
 
 /// Host I/O topology to advertise (VIRTIO_BLK_F_TOPOLOGY).
@@ -96,6 +127,16 @@ pub struct Topology {
     pub min_io_size: u16,
     /// Optimal I/O size, in logical blocks.
     pub opt_io_size: u32,
+}
+
+impl Topology {
+    /// No hints: blocks are the logical block size, no preferred I/O size.
+    pub const NONE: Topology = Topology {
+        physical_block_exp: 0,
+        alignment_offset: 0,
+        min_io_size: 1,
+        opt_io_size: 0,
+    };
 }
 
 /// An opened backing store.
@@ -117,6 +158,7 @@ pub struct Disk {
     below: Vec<Layer>,
     /// The worker's open qcow2 chain ([`Disk::open_format`]); None for raw images.
     image: OnceLock<Arc<Image>>,
+    nbd: Option<Nbd>,
 }
 
 const BLKGETSIZE64: libc::c_ulong = 0x8008_1272;
@@ -319,6 +361,7 @@ impl Disk {
             direct,
             below: chain.below,
             image: OnceLock::new(),
+            nbd: None,
         })
     }
 
@@ -371,24 +414,189 @@ impl Disk {
         if size == 0 || !size.is_multiple_of(u64::from(block_size)) {
             return Err(DiskError::NullSize(size, block_size));
         }
-        Ok(Self {
+        Ok(Self::fileless(
+            DiskKind::Null,
+            size,
+            block_size,
+            readonly,
+            None,
+        ))
+    }
+
+    /// A disk with no local file (null, NBD).
+    fn fileless(
+        kind: DiskKind,
+        size: u64,
+        block_size: u32,
+        readonly: bool,
+        nbd: Option<Nbd>,
+    ) -> Self {
+        Self {
             file: None,
-            kind: DiskKind::Null,
+            kind,
             size: AtomicU64::new(size),
             block_size,
-            topology: Topology {
-                physical_block_exp: 0,
-                alignment_offset: 0,
-                min_io_size: 1,
-                opt_io_size: 0,
-            },
+            topology: Topology::NONE,
             readonly,
             format: Format::Raw,
             path: None,
             direct: false,
             below: Vec::new(),
             image: OnceLock::new(),
-        })
+            nbd,
+        }
+    }
+
+    /// An NBD export (`--nbd`): loads libnbd, connects and shakes hands once to learn the
+    /// export's size and what the server offers, then lets go. Workers get connections of
+    /// their own ([`Disk::nbd_prepare`]). `queues` connections per worker where the server
+    /// allows several.
+    pub fn nbd(
+        uri: &NbdUri,
+        readonly: bool,
+        block_size: u32,
+        queues: usize,
+    ) -> Result<Self, DiskError> {
+        crate::nbd::load().map_err(DiskError::NbdLib)?;
+        let name = uri.to_string();
+        let fd = crate::nbd::connect(uri).map_err(|e| DiskError::NbdConnect(name.clone(), e))?;
+        let info = Conn::handshake(fd, &uri.export)
+            .map_err(|e| DiskError::NbdHandshake(name.clone(), e))?
+            .info;
+        if info.read_only && !readonly {
+            return Err(DiskError::NbdReadOnly(name));
+        }
+        if info.size == 0 {
+            return Err(DiskError::NbdEmpty(name));
+        }
+        if !info.size.is_multiple_of(u64::from(block_size)) {
+            return Err(DiskError::Unaligned {
+                path: name.into(),
+                size: info.size,
+                block_size,
+            });
+        }
+        let nbd = Nbd {
+            uri: uri.clone(),
+            connections: if info.can_multi_conn {
+                queues.max(1)
+            } else {
+                1
+            },
+            info,
+            pending: std::sync::Mutex::new(Vec::new()),
+            conns: OnceLock::new(),
+        };
+        Ok(Self::fileless(
+            DiskKind::Nbd,
+            info.size,
+            block_size,
+            readonly,
+            Some(nbd),
+        ))
+    }
+
+    /// The supervisor's side, before a worker is forked: connects its sockets.
+    pub fn nbd_prepare(&self) -> Result<(), String> {
+        let Some(n) = &self.nbd else { return Ok(()) };
+        let mut pending = n.pending.lock().unwrap_or_else(|e| e.into_inner());
+        for _ in pending.len()..n.connections {
+            match crate::nbd::connect(&n.uri) {
+                Ok(fd) => pending.push(fd),
+                Err(e) => return Err(format!("cannot reach the NBD server of {}: {e}", n.uri)),
+            }
+        }
+        Ok(())
+    }
+
+    /// The supervisor's side, after a worker was forked: closes its copies of the sockets.
+    pub fn nbd_spawned(&self) {
+        let Some(n) = &self.nbd else { return };
+        for fd in n
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+        {
+            // SAFETY: a socket nbd_prepare connected and nothing else holds in this process.
+            unsafe { libc::close(fd) };
+        }
+    }
+
+    /// The worker's side: the handshake on each socket the supervisor connected for it.
+    /// The export must not have changed size. Returns the sockets, for the jail.
+    pub fn nbd_open(&self) -> io::Result<Vec<RawFd>> {
+        let Some(n) = &self.nbd else {
+            return Ok(Vec::new());
+        };
+        if let Some(c) = n.conns.get() {
+            return Ok(c.iter().map(|c| c.fd).collect());
+        }
+        let fds: Vec<RawFd> = n
+            .pending
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .drain(..)
+            .collect();
+        if fds.is_empty() {
+            return Err(io::Error::other(
+                "no NBD connection was made for this worker",
+            ));
+        }
+        let mut conns = Vec::new();
+        let mut fds = fds.into_iter();
+        while let Some(fd) = fds.next() {
+            match Conn::handshake(fd, &n.uri.export) {
+                Ok(c) if c.info.size != n.info.size => {
+                    fds.for_each(|fd| {
+                        // SAFETY: sockets this worker owns and no handle took.
+                        unsafe { libc::close(fd) };
+                    });
+                    return Err(io::Error::other(format!(
+                        "the NBD export changed size from {} to {} bytes",
+                        n.info.size, c.info.size
+                    )));
+                }
+                Ok(c) => conns.push(Arc::new(c)),
+                Err(e) => {
+                    fds.for_each(|fd| {
+                        // SAFETY: as above.
+                        unsafe { libc::close(fd) };
+                    });
+                    return Err(e);
+                }
+            }
+        }
+        let fds = conns.iter().map(|c| c.fd).collect();
+        let _ = n.conns.set(conns);
+        Ok(fds)
+    }
+
+    /// The connection queue `i` uses (NBD disks, once the worker made them).
+    pub fn nbd_conn(&self, i: usize) -> Option<Arc<Conn>> {
+        let c = self.nbd.as_ref()?.conns.get()?;
+        Some(c[i % c.len()].clone())
+    }
+
+    /// The NBD export and its connections per worker, for the log.
+    pub fn nbd_summary(&self) -> Option<String> {
+        let n = self.nbd.as_ref()?;
+        Some(format!(
+            "NBD export {} ({} connection(s) per worker{}{}{})",
+            n.uri,
+            n.connections,
+            if n.info.can_multi_conn {
+                ", multi-conn"
+            } else {
+                ""
+            },
+            if n.info.can_trim { ", trim" } else { "" },
+            if n.info.can_zero {
+                ", write-zeroes"
+            } else {
+                ""
+            },
+        ))
     }
 
     /// The open image (None for the null device).
@@ -424,6 +632,9 @@ impl Disk {
     pub fn resize(&self, want: Option<u64>, force: bool) -> Result<(u64, u64), ResizeError> {
         let old = self.size();
         let bs = u64::from(self.block_size);
+        if self.kind == DiskKind::Nbd {
+            return Err(ResizeError::Nbd);
+        }
         let new = match (self.kind, want) {
             (DiskKind::BlockDevice, Some(_)) => return Err(ResizeError::BlockDeviceSize),
             (DiskKind::Null, None) => return Err(ResizeError::NullReread),
@@ -467,6 +678,12 @@ impl Disk {
 
     /// Makes data written so far durable.
     pub fn flush(&self) -> io::Result<()> {
+        if let Some(conns) = self.nbd.as_ref().and_then(|n| n.conns.get()) {
+            if self.readonly {
+                return Ok(());
+            }
+            return conns.iter().try_for_each(|c| c.flush());
+        }
         if let Some(img) = self.image() {
             return if self.readonly { Ok(()) } else { img.flush() };
         }
@@ -480,6 +697,9 @@ impl Disk {
     pub fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if let Some(img) = self.image() {
             return img.discard(offset, len);
+        }
+        if let Some(c) = self.nbd_conn(0) {
+            return crate::engine::nbd_result(&c, c.trim(offset, len));
         }
         let Some(fd) = self.fd() else { return Ok(()) };
         let r = match self.kind {
@@ -502,6 +722,22 @@ impl Disk {
     pub fn write_zeroes(&self, offset: u64, len: u64, unmap: bool) -> io::Result<()> {
         if let Some(img) = self.image() {
             return img.write_zeroes(offset, len, unmap);
+        }
+        if let Some(c) = self.nbd_conn(0) {
+            if crate::engine::nbd_result(&c, c.zero(offset, len, unmap))? {
+                return Ok(());
+            }
+            // No WRITE_ZEROES on this server: write zeros.
+            let zeros = vec![0u8; 1 << 20];
+            let mut off = offset;
+            while off < offset + len {
+                let n = ((offset + len - off) as usize).min(zeros.len());
+                // SAFETY: zeros holds at least n bytes.
+                let r = unsafe { c.pwrite(zeros.as_ptr(), n, off, false) };
+                crate::engine::nbd_result(&c, r)?;
+                off += n as u64;
+            }
+            return Ok(());
         }
         let Some(fd) = self.fd() else { return Ok(()) };
         if self.kind == DiskKind::BlockDevice {

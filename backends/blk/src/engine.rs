@@ -80,6 +80,53 @@ pub enum Engine {
     /// A qcow2 image: each operation runs on the calling thread through imago, which maps
     /// guest offsets to clusters (and to the backing chain).
     Image(std::sync::Arc<crate::image::Image>),
+    /// An NBD export: each operation is a request on the queue's connection, waited for on
+    /// the calling thread (libnbd's synchronous calls).
+    Nbd(std::sync::Arc<crate::nbd::Conn>),
+}
+
+/// An NBD request's result. A dead connection (the server went away) ends the worker with
+/// `EXIT_BACKING_LOST` on the spot, before the request completes: it stays in the in-flight
+/// region for the frontend to resubmit to the next worker, which the supervisor gives a new
+/// connection. Any other error is the request's (IOERR to the guest).
+pub fn nbd_result<T>(conn: &crate::nbd::Conn, r: io::Result<T>) -> io::Result<T> {
+    if let Err(e) = &r {
+        if conn.is_dead() {
+            log::error!("the NBD connection is gone ({e}); ending this worker");
+            // SAFETY: _exit ends the process at once, as a crash would: nothing is completed.
+            unsafe { libc::_exit(vhostbox_common::sandbox::supervisor::EXIT_BACKING_LOST) };
+        }
+    }
+    r
+}
+
+/// Runs `op` on an NBD connection, one request per iovec (contiguous in the disk).
+///
+/// # Safety
+/// As for [`Engine::submit`], for the duration of the call.
+unsafe fn nbd_execute(c: &crate::nbd::Conn, op: Op, iov: &[libc::iovec]) -> io::Result<usize> {
+    let (mut offset, write, fua) = match op {
+        Op::Flush => return nbd_result(c, c.flush()).map(|()| 0),
+        Op::Read { offset } => (offset, false, false),
+        Op::Write { offset, dsync } => (offset, true, dsync),
+    };
+    let mut done = 0usize;
+    for v in iov.iter().filter(|v| v.iov_len > 0) {
+        let r = if write {
+            // SAFETY: the caller's contract: the iovec is readable for the call.
+            unsafe { c.pwrite(v.iov_base.cast(), v.iov_len, offset, fua && c.info.can_fua) }
+        } else {
+            // SAFETY: the caller's contract: the iovec is writable for the call.
+            unsafe { c.pread(v.iov_base.cast(), v.iov_len, offset) }
+        };
+        nbd_result(c, r)?;
+        offset += v.iov_len as u64;
+        done += v.iov_len;
+    }
+    if fua && !c.info.can_fua {
+        nbd_result(c, c.flush())?;
+    }
+    Ok(done)
 }
 
 impl Engine {
@@ -95,6 +142,8 @@ impl Engine {
             Engine::Sync(e) => Outcome::Executed(unsafe { e.execute(op, iov) }),
             // SAFETY: forwarded contract.
             Engine::Uring(u) => unsafe { u.push(op, iov, token) },
+            // SAFETY: forwarded contract.
+            Engine::Nbd(c) => Outcome::Executed(unsafe { nbd_execute(c, op, iov) }),
             Engine::Image(img) => Outcome::Executed(match op {
                 Op::Flush => img.flush().map(|()| 0),
                 // SAFETY: forwarded contract.
@@ -108,7 +157,7 @@ impl Engine {
     /// Hands queued operations to the kernel.
     pub fn kick(&mut self) -> io::Result<()> {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => Ok(()),
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => Ok(()),
             Engine::Uring(u) => u.kick(),
         }
     }
@@ -129,7 +178,7 @@ impl Engine {
     /// As for [`Engine::submit`], for the duration of the call.
     pub unsafe fn read_now(&mut self, offset: u64, iov: &[libc::iovec]) -> Option<usize> {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => None,
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => None,
             // SAFETY: forwarded contract.
             Engine::Uring(u) => unsafe { u.read_now(offset, iov) },
         }
@@ -138,7 +187,7 @@ impl Engine {
     /// Operations queued for the kernel but not handed to it yet (by [`Engine::kick`]).
     pub fn queued(&self) -> usize {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => 0,
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => 0,
             Engine::Uring(u) => u.queued,
         }
     }
@@ -146,7 +195,7 @@ impl Engine {
     /// Whether finished operations wait to be reaped (no system call).
     pub fn has_completions(&mut self) -> bool {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => false,
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => false,
             Engine::Uring(u) => u.in_flight > 0 && !u.ring.completion().is_empty(),
         }
     }
@@ -154,7 +203,7 @@ impl Engine {
     /// Blocks until at least one queued operation finished (no-op with nothing in flight).
     pub fn wait(&mut self) -> io::Result<()> {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => Ok(()),
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => Ok(()),
             Engine::Uring(u) => u.wait(),
         }
     }
@@ -162,7 +211,7 @@ impl Engine {
     /// Operations queued or in flight.
     pub fn in_flight(&self) -> usize {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => 0,
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => 0,
             Engine::Uring(u) => u.in_flight,
         }
     }
@@ -170,7 +219,7 @@ impl Engine {
     /// The eventfd that becomes readable when completions are ready.
     pub fn completion_fd(&self) -> Option<RawFd> {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => None,
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => None,
             Engine::Uring(u) => Some(u.eventfd.as_raw_fd()),
         }
     }
@@ -180,6 +229,7 @@ impl Engine {
         match self {
             Engine::Sync(_) => Vec::new(),
             Engine::Image(img) => img.fds.clone(),
+            Engine::Nbd(c) => vec![c.fd],
             Engine::Uring(u) => vec![u.ring_fd(), u.eventfd.as_raw_fd()],
         }
     }
@@ -221,7 +271,7 @@ impl Engine {
     /// The io_uring fd, if any.
     pub fn ring_fd(&self) -> Option<RawFd> {
         match self {
-            Engine::Sync(_) | Engine::Image(_) => None,
+            Engine::Sync(_) | Engine::Image(_) | Engine::Nbd(_) => None,
             Engine::Uring(u) => Some(u.ring_fd()),
         }
     }

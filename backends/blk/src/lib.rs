@@ -13,6 +13,7 @@ pub mod disk;
 pub mod engine;
 pub mod image;
 pub mod lock;
+pub mod nbd;
 pub mod queue;
 pub mod request;
 pub mod seccomp;
@@ -48,6 +49,8 @@ pub enum BuildError {
     Timer(#[source] io::Error),
     #[error("cannot open the qcow2 image")]
     Image(#[source] io::Error),
+    #[error("cannot set up the NBD connections")]
+    Nbd(#[source] io::Error),
 }
 
 /// vhostbox-blk as the launcher runs it.
@@ -101,6 +104,12 @@ impl launch::Device for Blk {
             Backing::Null(size) => {
                 Disk::null(*size, cfg.logical_block_size.unwrap_or(512), cfg.readonly)?
             }
+            Backing::Nbd(uri) => Disk::nbd(
+                uri,
+                cfg.readonly,
+                cfg.logical_block_size.unwrap_or(512),
+                usize::from(cfg.num_queues),
+            )?,
         };
         log::info!(
             "{} {} bytes ({} sectors, block size {}), {} queue(s) of {}, engine {:?}{}",
@@ -114,6 +123,7 @@ impl launch::Device for Blk {
                         .collect::<String>()
                 ),
                 Backing::Null(_) => "null device".to_string(),
+                Backing::Nbd(_) => disk.nbd_summary().unwrap_or_default(),
             },
             disk.size(),
             disk.sectors(),
@@ -142,6 +152,18 @@ impl launch::Device for Blk {
             .disk
             .resize(size, force)
             .map_err(|e| vhostbox_common::error_chain(&e))
+    }
+
+    fn prepare_worker(&self, shared: &Arc<Shared>) -> Result<(), String> {
+        shared.disk.nbd_prepare()
+    }
+
+    fn worker_spawned(&self, shared: &Arc<Shared>) {
+        shared.disk.nbd_spawned()
+    }
+
+    fn build_retryable(e: &BuildError) -> bool {
+        matches!(e, BuildError::Nbd(_))
     }
 
     fn initial_settings(&self) -> Vec<u64> {
@@ -186,12 +208,14 @@ impl launch::Device for Blk {
         // A qcow2 chain is opened here, from the supervisor's fds, so that it reads the
         // metadata as a previous worker left it.
         fds.extend(shared.disk.open_format().map_err(BuildError::Image)?);
+        // NBD: the handshake on the sockets the supervisor connected for this worker.
+        fds.extend(shared.disk.nbd_open().map_err(BuildError::Nbd)?);
         fds.push(inflight.raw_fd());
         let mut watch = Vec::new();
         let mut queues = Vec::with_capacity(usize::from(cfg.num_queues));
         for i in 0..cfg.num_queues {
-            let engine =
-                make_engine(shared, cfg.engine, cfg.queue_size).map_err(BuildError::Uring)?;
+            let engine = make_engine(shared, cfg.engine, cfg.queue_size, usize::from(i))
+                .map_err(BuildError::Uring)?;
             if let Some(e) = &engine {
                 fds.extend(e.fds());
                 if let Some(fd) = e.completion_fd() {
@@ -284,7 +308,15 @@ impl launch::Device for Blk {
 }
 
 /// A queue's engine (none for the null device, which needs none).
-fn make_engine(shared: &Shared, kind: EngineKind, queue_size: u16) -> io::Result<Option<Engine>> {
+fn make_engine(
+    shared: &Shared,
+    kind: EngineKind,
+    queue_size: u16,
+    queue: usize,
+) -> io::Result<Option<Engine>> {
+    if let Some(c) = shared.disk.nbd_conn(queue) {
+        return Ok(Some(Engine::Nbd(c)));
+    }
     if let Some(img) = shared.disk.image() {
         return Ok(Some(Engine::Image(img.clone())));
     }

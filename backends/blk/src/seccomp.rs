@@ -69,6 +69,20 @@ pub fn rules(kind: DiskKind, format: Format, own_pid: u32) -> Rules {
             "qcow2: imago grows the file for write-zeroes past its end (RLIMIT_FSIZE bounds it)",
         ));
     }
+    if kind == DiskKind::Nbd {
+        r.extend([
+            allow(
+                SYS_sendto,
+                "sendto",
+                "NBD: libnbd's requests on the sockets the supervisor connected",
+            ),
+            allow(
+                SYS_recvfrom,
+                "recvfrom",
+                "NBD: libnbd's replies on those sockets",
+            ),
+        ]);
+    }
     if kind == DiskKind::BlockDevice {
         r.push(allow_if(
             SYS_ioctl,

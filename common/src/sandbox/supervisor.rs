@@ -24,6 +24,10 @@ use crate::service::Notifier;
 /// gives up (a replacement would fail the same way).
 pub const EXIT_JAIL_FAILED: i32 = 3;
 
+/// A worker's exit status when it lost its connection to the backing store (an NBD server
+/// that went away): the supervisor connects anew, with back-off, for the next worker.
+pub const EXIT_BACKING_LOST: i32 = 5;
+
 /// Why the supervisor stopped.
 #[derive(Debug, thiserror::Error)]
 pub enum SupervisorError {
@@ -344,7 +348,16 @@ pub struct Service<'a> {
     pub server: Option<crate::control::Server>,
     /// The device's resize, if it has one.
     pub resize: Option<ResizeFn<'a>>,
+    /// Runs before each worker is forked: what the worker needs made with the supervisor's
+    /// reach (connections to an NBD server). An error is logged and retried with back-off.
+    pub prepare: Option<PrepareFn<'a>>,
+    /// Runs after each worker was forked: the supervisor drops its copies of what `prepare`
+    /// made.
+    pub spawned: Option<Box<dyn FnMut() + 'a>>,
 }
+
+/// See [`Service::prepare`].
+pub type PrepareFn<'a> = Box<dyn FnMut() -> Result<(), String> + 'a>;
 
 /// Runs the supervisor until SIGTERM, SIGINT or SIGHUP. `worker` runs in each forked, not yet
 /// jailed worker process and returns its exit code; it must enter the jail itself (it knows
@@ -524,12 +537,29 @@ impl<'a> Supervisor<'a> {
                     }
                     self.spawn_at = None;
                 }
+                if let Some(prepare) = self.service.prepare.as_mut() {
+                    if let Err(e) = prepare() {
+                        warn!(
+                            "cannot prepare the next worker: {e}; retrying in {} ms",
+                            self.backoff.as_millis()
+                        );
+                        self.notify
+                            .status(&format!("waiting for the backing store: {e}"));
+                        self.spawn_at = Some(Instant::now() + self.backoff);
+                        self.backoff = (self.backoff * 2).min(Duration::from_secs(5));
+                        continue;
+                    }
+                }
                 self.generation += 1;
                 let ctx = WorkerCtx {
                     report_fd: self.report_w.as_raw_fd(),
                     generation: self.generation,
                 };
-                let c = spawn(self.jail, ctx, worker, &[], false)?;
+                let spawned = spawn(self.jail, ctx, worker, &[], false);
+                if let Some(f) = self.service.spawned.as_mut() {
+                    f();
+                }
+                let c = spawned?;
                 info!("worker started, pid {}", c.pid);
                 self.child = Some(c);
             }
@@ -787,6 +817,13 @@ impl<'a> Supervisor<'a> {
                     error!("worker {pid} could not enter its sandbox; giving up");
                     self.count_exit("setup_failed");
                     return Ended::GiveUp;
+                }
+                EXIT_BACKING_LOST => {
+                    warn!(
+                        "worker {pid} lost its connection to the backing store; the next \
+                         worker gets a new one"
+                    );
+                    self.count_exit("backing_lost");
                 }
                 c => {
                     warn!("worker {pid} exited with status {c}");
