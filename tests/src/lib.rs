@@ -643,3 +643,118 @@ pub fn qcow2_contents(dir: &Path, name: &str) -> Vec<u8> {
     std::fs::remove_file(dir.join(&out)).unwrap();
     bytes
 }
+
+/// The guest's side of the blk crash tests: fio rounds on /dev/vda (random writes of 4-64 KiB,
+/// crc32c verify, 2 jobs of 24 MiB at 0 and 32 MiB, libaio 16 deep) until the 4 KiB block
+/// `stop_block` starts with STOP; then RESULT rounds, fio-failures, io-errors (kernel log
+/// lines), area-sha (the first `area_mb` MiB), done.
+pub fn fio_until_stop_script(stop_block: u64, area_mb: u64) -> String {
+    format!(
+        "#!/bin/sh\n\
+         r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
+         stop() {{\n\
+           echo 1 >/proc/sys/vm/drop_caches\n\
+           [ \"$(dd if=/dev/vda bs=4096 skip={stop_block} count=1 2>/dev/null | head -c 4)\" = STOP ]\n\
+         }}\n\
+         r start\n\
+         i=0; fails=0\n\
+         while ! stop; do\n\
+           i=$((i + 1))\n\
+           if ! fio --name=k$i --filename=/dev/vda --rw=randwrite --bsrange=4k-64k \\\n\
+                --size=24M --numjobs=2 --offset_increment=32M --ioengine=libaio \\\n\
+                --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \\\n\
+                --randseed=$i --group_reporting --output=/tmp/fio.txt; then\n\
+             fails=$((fails + 1)); tail -30 /tmp/fio.txt\n\
+           fi\n\
+           r round $i\n\
+         done\n\
+         r rounds $i\n\
+         r fio-failures $fails\n\
+         dmesg | grep -i -E 'I/O error|blk_update_request|timeout|hung' >/tmp/errs\n\
+         cat /tmp/errs\n\
+         r io-errors $(wc -l </tmp/errs)\n\
+         echo 1 >/proc/sys/vm/drop_caches\n\
+         r area-sha $(dd if=/dev/vda bs=1M count={area_mb} 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
+         r done\n"
+    )
+}
+
+/// An NBD server process (qemu-nbd, nbdkit), killed on drop.
+pub struct NbdServer(pub Child);
+
+impl NbdServer {
+    /// Kills it and waits for it to be gone.
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// qemu-nbd serving `image` (raw) on the unix socket `sock`, for up to 8 clients at once and
+/// one after another (`--persistent`), with `extra` options; returns once it listens.
+pub fn qemu_nbd(image: &Path, sock: &Path, extra: &[&str]) -> NbdServer {
+    let _ = std::fs::remove_file(sock);
+    let child = Command::new("qemu-nbd")
+        .args(["-f", "raw", "--persistent", "--shared=8", "-k"])
+        .arg(sock)
+        .args(extra)
+        .arg(image)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("qemu-nbd");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !sock.exists() {
+        assert!(Instant::now() < deadline, "qemu-nbd's socket never came");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    NbdServer(child)
+}
+
+/// The end of a [`fio_until_stop_script`] guest: writes STOP into `img` at `stop_block`,
+/// waits for QEMU to exit cleanly and the guest to report done. Returns the results, the
+/// failure context and how many requests the backend's workers resubmitted in all.
+pub fn stop_fio_guest(
+    vm: &mut Vm,
+    be: &Backend,
+    img: &Path,
+    stop_block: u64,
+) -> (String, String, usize) {
+    use std::os::unix::fs::FileExt;
+    let f = std::fs::OpenOptions::new().write(true).open(img).unwrap();
+    f.write_all_at(b"STOP", stop_block * 4096).unwrap();
+    f.sync_all().unwrap();
+    let st = vm.wait_exit(300);
+    let ctx = vm.context(be);
+    assert!(st.is_some_and(|s| s.success()), "QEMU: {st:?}\n{ctx}");
+    let res = vm.results();
+    assert!(
+        res.contains("RESULT done"),
+        "the guest did not finish\n{ctx}"
+    );
+    let resubmitted = be
+        .log()
+        .lines()
+        .filter_map(|l| l.split("resubmitting ").nth(1))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
+        .sum();
+    (res, ctx, resubmitted)
+}
+
+/// Waits until `b`'s log has `n` lines containing `needle`; false after `secs`.
+pub fn log_count_within(b: &Backend, needle: &str, n: usize, secs: u64) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if b.log().matches(needle).count() >= n {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    false
+}

@@ -5,26 +5,16 @@
 
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use blkio::ReqFlags;
 use vhostbox_tests::blkio_client::Client;
-use vhostbox_tests::{pattern, run_to_exit, Backend};
+use vhostbox_tests::{pattern, qemu_nbd, run_to_exit, Backend, NbdServer};
 
 const MIB: usize = 1 << 20;
 const DISK: usize = 16 * MIB;
 const BLOCK: usize = 4096;
-
-/// A server process, killed on drop.
-struct Server(Child);
-
-impl Drop for Server {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
 
 fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -34,24 +24,8 @@ fn wait_for(what: &str, mut ok: impl FnMut() -> bool) {
     }
 }
 
-/// qemu-nbd serving `image` (raw) on the unix socket `sock`, for several clients in turn.
-fn qemu_nbd(image: &Path, sock: &Path, extra: &[&str]) -> Server {
-    let _ = std::fs::remove_file(sock);
-    let child = Command::new("qemu-nbd")
-        .args(["-f", "raw", "--persistent", "--shared=8", "-k"])
-        .arg(sock)
-        .args(extra)
-        .arg(image)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("qemu-nbd");
-    wait_for("qemu-nbd's socket", || sock.exists());
-    Server(child)
-}
-
 /// nbdkit's memory plugin (DISK bytes, in nbdkit's memory) on 127.0.0.1, on a free port.
-fn nbdkit_memory() -> (Server, u16) {
+fn nbdkit_memory() -> (NbdServer, u16) {
     let port = TcpListener::bind("127.0.0.1:0")
         .unwrap()
         .local_addr()
@@ -68,7 +42,7 @@ fn nbdkit_memory() -> (Server, u16) {
     wait_for("nbdkit's port", || {
         std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
     });
-    (Server(child), port)
+    (NbdServer(child), port)
 }
 
 /// Established TCP connections to `port` in this network namespace (the supervisor's,

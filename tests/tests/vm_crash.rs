@@ -69,17 +69,7 @@ impl Rng {
     }
 }
 
-/// Waits until the backend's log has `n` lines containing `needle`.
-fn wait_count(b: &Backend, needle: &str, n: usize, secs: u64) -> bool {
-    let deadline = Instant::now() + Duration::from_secs(secs);
-    while Instant::now() < deadline {
-        if b.log().matches(needle).count() >= n {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-    false
-}
+use vhostbox_tests::log_count_within as wait_count;
 
 fn sha256_range(path: &Path, len: u64) -> String {
     let f = fs::File::open(path).unwrap();
@@ -101,34 +91,7 @@ fn sha256_range(path: &Path, len: u64) -> String {
 
 /// The guest's side of the blk tests: fio rounds until the disk says STOP.
 fn blk_guest_script() -> String {
-    format!(
-        "#!/bin/sh\n\
-         r() {{ echo \"RESULT $*\"; echo \"RESULT $*\" >/dev/ttyS1; }}\n\
-         stop() {{\n\
-           echo 1 >/proc/sys/vm/drop_caches\n\
-           [ \"$(dd if=/dev/vda bs=4096 skip={STOP_BLOCK} count=1 2>/dev/null | head -c 4)\" = STOP ]\n\
-         }}\n\
-         r start\n\
-         i=0; fails=0\n\
-         while ! stop; do\n\
-           i=$((i + 1))\n\
-           if ! fio --name=k$i --filename=/dev/vda --rw=randwrite --bsrange=4k-64k \\\n\
-                --size=24M --numjobs=2 --offset_increment=32M --ioengine=libaio \\\n\
-                --iodepth=16 --direct=1 --verify=crc32c --do_verify=1 --verify_fatal=1 \\\n\
-                --randseed=$i --group_reporting --output=/tmp/fio.txt; then\n\
-             fails=$((fails + 1)); tail -30 /tmp/fio.txt\n\
-           fi\n\
-           r round $i\n\
-         done\n\
-         r rounds $i\n\
-         r fio-failures $fails\n\
-         dmesg | grep -i -E 'I/O error|blk_update_request|timeout|hung' >/tmp/errs\n\
-         cat /tmp/errs\n\
-         r io-errors $(wc -l </tmp/errs)\n\
-         echo 1 >/proc/sys/vm/drop_caches\n\
-         r area-sha $(dd if=/dev/vda bs=1M count={AREA_MB} 2>/dev/null | sha256sum | cut -d' ' -f1)\n\
-         r done\n"
-    )
+    vhostbox_tests::fio_until_stop_script(STOP_BLOCK, AREA_MB)
 }
 
 /// Runs the blk crash test. `kill` kills the worker from outside; without it, the workers kill
@@ -188,24 +151,9 @@ fn blk_crash_test(exe: &Path, extra: &[&str], kill: bool) {
         "the guest did not come back after the last death\n{}",
         vm.context(&backend)
     );
-    // Tell the guest to finish its round and stop.
-    let f = fs::OpenOptions::new().write(true).open(&img).unwrap();
-    f.write_all_at(b"STOP", STOP_BLOCK * 4096).unwrap();
-    f.sync_all().unwrap();
-    let st = vm.wait_exit(300);
-    let ctx = vm.context(&backend);
-    assert!(st.is_some_and(|s| s.success()), "QEMU: {st:?}\n{ctx}");
-    let res = vm.results();
-    assert!(
-        res.contains("RESULT done"),
-        "the guest did not finish\n{ctx}"
-    );
+    let (res, ctx, resubmitted) =
+        vhostbox_tests::stop_fio_guest(&mut vm, &backend, &img, STOP_BLOCK);
     let log = backend.log();
-    let resubmitted: usize = log
-        .lines()
-        .filter_map(|l| l.split("resubmitting ").nth(1))
-        .filter_map(|l| l.split_whitespace().next()?.parse::<usize>().ok())
-        .sum();
     reconnect.sort();
     eprintln!(
         "{deaths} worker deaths in {:.1} s; guest fio rounds: {}; requests resubmitted: \
