@@ -231,8 +231,23 @@ impl Backend {
 
     /// The pid of the supervisor's service process (`--metrics`, `--control`), waiting up to
     /// 10 s for it.
+    ///
+    /// The service process names itself before it enters its jail: this waits (up to 10 s)
+    /// until its seccomp filter is on, the jail's last step, so that what a test then reads in
+    /// /proc is the jailed process, not one still setting up (seen once in CI: every
+    /// capability and no filter yet).
     pub fn service_pid(&self) -> i32 {
-        self.child_pid("service process", |comm| comm == SERVICE_COMM)
+        let pid = self.child_pid("service process", |comm| comm == SERVICE_COMM);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline
+            && proc_status(&pid.to_string())
+                .get("Seccomp")
+                .map(String::as_str)
+                != Some("2")
+        {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        pid
     }
 
     /// The pid of the supervisor's current worker, waiting up to 10 s for one to exist.
