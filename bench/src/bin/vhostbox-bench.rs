@@ -181,6 +181,16 @@ fn contenders() -> Vec<Contender> {
     v
 }
 
+/// A helper process (qemu-nbd), killed when the run ends.
+struct KillOnDrop(Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 struct Sample {
     iops: f64,
     mibs: f64,
@@ -196,6 +206,13 @@ struct Sample {
 /// physical limit.
 fn qcow2() -> bool {
     std::env::var("VHOSTBOX_BENCH_FORMAT").is_ok_and(|v| v == "qcow2")
+}
+
+/// VHOSTBOX_BENCH_NBD=1: the file rows reach the image through qemu-nbd (started by the tool,
+/// on a unix socket): vhostbox with `--nbd`, qemu-storage-daemon with its nbd driver; the
+/// direct io_uring row stays on the file.
+fn nbd() -> bool {
+    std::env::var_os("VHOSTBOX_BENCH_NBD").is_some()
 }
 
 fn bin_dir() -> PathBuf {
@@ -230,6 +247,10 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
         }
         match dev {
             Dev::Null => cmd.args(["--null", "1G"]),
+            Dev::File if nbd() => cmd.arg("--nbd").arg(format!(
+                "nbd+unix:///?socket={}",
+                img.with_file_name("nbd.sock").display()
+            )),
             Dev::File => cmd.arg("--image").arg(img),
         };
         if dev == Dev::File && qcow2() {
@@ -245,6 +266,10 @@ fn start(c: &Contender, dev: Dev, queues: usize, sock: &Path, img: &Path) -> Res
                 "--blockdev",
                 "driver=null-co,node-name=disk,size=1073741824,read-zeroes=off",
             ]),
+            Dev::File if nbd() => cmd.arg("--blockdev").arg(format!(
+                "driver=nbd,node-name=disk,server.type=unix,server.path={}",
+                img.with_file_name("nbd.sock").display()
+            )),
             Dev::File if qcow2() => cmd.arg("--blockdev").arg(format!(
                 "driver=qcow2,node-name=disk,file.driver=file,file.filename={},\
                  file.aio=io_uring,cache.direct=off",
@@ -516,6 +541,23 @@ fn main() {
             .expect("qemu-img");
         assert!(st.success(), "qemu-img convert failed");
     }
+    // Killed on drop (the end of main).
+    let _nbd_server = nbd().then(|| {
+        let sock = dir.path().join("nbd.sock");
+        let child = Command::new("qemu-nbd")
+            .args(["-f", "raw", "--persistent", "--shared=16", "--cache=writeback", "-k"])
+            .arg(&sock)
+            .arg(&img)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("qemu-nbd");
+        while !sock.exists() {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        KillOnDrop(child)
+    });
     // (device, workload) -> contender -> samples
     let mut all: BTreeMap<(usize, usize), BTreeMap<usize, Vec<Sample>>> = BTreeMap::new();
     let mut failed: BTreeMap<usize, String> = BTreeMap::new();
