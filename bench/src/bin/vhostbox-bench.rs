@@ -545,7 +545,14 @@ fn main() {
     let _nbd_server = nbd().then(|| {
         let sock = dir.path().join("nbd.sock");
         let child = Command::new("qemu-nbd")
-            .args(["-f", "raw", "--persistent", "--shared=16", "--cache=writeback", "-k"])
+            .args([
+                "-f",
+                "raw",
+                "--persistent",
+                "--shared=16",
+                "--cache=writeback",
+                "-k",
+            ])
             .arg(&sock)
             .arg(&img)
             .stdin(Stdio::null())
