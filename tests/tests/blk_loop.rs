@@ -150,3 +150,60 @@ fn discard_and_write_zeroes_reach_the_device() {
     let hole = unsafe { libc::lseek(f.as_raw_fd(), (8 * MIB) as i64, libc::SEEK_HOLE) };
     assert_eq!(hole, (8 * MIB) as i64, "no hole where the discard was");
 }
+
+#[test]
+fn a_loop_device_grown_with_losetup_c_is_taken_up_by_a_bare_resize() {
+    let lo = Loop::new(512);
+    let dir = tempfile::tempdir().unwrap();
+    let sock = dir.path().join("blk.sock");
+    let csock = dir.path().join("ctl.sock");
+    let be = Backend::start(
+        "vhostbox-blk",
+        &sock,
+        &[
+            "--socket-path",
+            sock.to_str().unwrap(),
+            "--image",
+            lo.dev.to_str().unwrap(),
+            "--control",
+            csock.to_str().unwrap(),
+        ],
+    );
+    let mut dev = connect(&be);
+    // A size given for a block device is refused: the device's size is its own.
+    let (code, _, err) = vhostbox_tests::vhostboxctl(&csock, &["resize", "32M"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("a block device's size is its own"), "{err}");
+    // Grow the loop device's file, then the device (losetup -c), then take it up.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&lo.file)
+        .unwrap()
+        .set_len(24 << 20)
+        .unwrap();
+    let st = Command::new("losetup")
+        .arg("-c")
+        .arg(&lo.dev)
+        .status()
+        .unwrap();
+    assert!(st.success(), "losetup -c");
+    let (code, r, err) = vhostbox_tests::vhostboxctl(&csock, &["resize"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(r["old"], 16 << 20, "{r}");
+    assert_eq!(r["new"], 24 << 20, "{r}");
+    be.wait_log("capacity 16777216 -> 25165824 bytes");
+    // The connected frontend reads the new capacity, and reads the grown part.
+    let c = dev.get_config(0, 8).unwrap();
+    assert_eq!(
+        u64::from_le_bytes(c[0..8].try_into().unwrap()),
+        (24 << 20) / 512
+    );
+    let q = dev.queue(0);
+    let buf = q.mem().alloc(4096, 4096);
+    assert_eq!(
+        blkreq::run(q, T_IN, (20 * MIB) / 512, &[(buf, 4096, true)]).0,
+        S_OK,
+        "a read past the old end"
+    );
+    assert!(q.mem().read_vec(buf, 4096).iter().all(|&b| b == 0));
+}
