@@ -474,10 +474,17 @@ impl Image {
             v.push(unsafe { std::slice::from_raw_parts(i.iov_base.cast::<u8>(), i.iov_len) });
         }
         let n = v.len() as usize;
-        self.access.read().map_err(poisoned)?.writev(v, offset)?;
+        let a = self.access.read().map_err(poisoned)?;
+        a.writev(v, offset)?;
         if dsync {
-            self.flush()?;
+            a.flush()?;
+            return a.sync().map(|()| n);
         }
+        // Metadata the write changed (a new cluster's L2 entry, refcounts) goes to the file
+        // before the write completes (no sync: the page cache keeps it). The guest outlives
+        // a worker: one killed after completing a write must not take the write's mapping
+        // with it.
+        a.flush()?;
         Ok(n)
     }
 
